@@ -1,0 +1,166 @@
+"""The training loop: one step learns, checkpoints are atomic and resumable, early stopping stops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.config import ModelConfig, TrainConfig
+from train.engine import (
+    LAST,
+    PREVIOUS,
+    CheckpointError,
+    EpochMetrics,
+    evaluate,
+    fit,
+    load_checkpoint,
+    make_optimizer,
+    make_scheduler,
+    save_checkpoint,
+)
+from train.models import build_model
+from train.preprocess import PreprocessSpec
+from train.transforms import PRESETS
+
+
+def _toy_data(n_per_class: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two easily separable classes: bright top half vs bright bottom half."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 40, (2 * n_per_class, 1, 28, 28), generator=g, dtype=torch.uint8)
+    images[:n_per_class, :, :14] += 200
+    images[n_per_class:, :, 14:] += 200
+    labels = torch.cat([torch.zeros(n_per_class), torch.ones(n_per_class)]).long()
+    return images, labels
+
+
+def _model() -> torch.nn.Module:
+    return build_model(ModelConfig(name="simple_cnn", width=4, dropout=0.0), PreprocessSpec(), 2)
+
+
+def _cfg(**kwargs: object) -> TrainConfig:
+    base: dict[str, object] = {
+        "epochs": 3,
+        "batch_size": 8,
+        "lr": 0.05,
+        "progress": False,
+        "scheduler": "none",
+    }
+    base.update(kwargs)
+    return TrainConfig.model_validate(base)
+
+
+def test_fit_learns_and_reports_each_epoch(tmp_path: Path) -> None:
+    seen: list[EpochMetrics] = []
+    model = _model()
+    data = _toy_data()
+    state = fit(model, data, data, _cfg(), PRESETS["none"], tmp_path, on_epoch_end=seen.append)
+    assert [m.epoch for m in seen] == [1, 2, 3]
+    assert state.epoch == 3
+    assert state.best_metric >= 0.9
+    assert seen[-1].images_per_second > 0
+    assert evaluate(model, *data, batch_size=7).accuracy == pytest.approx(state.best_metric)
+    assert (tmp_path / LAST).exists() and (tmp_path / PREVIOUS).exists()
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    data = _toy_data()
+    initial = _model().state_dict()
+    straight = _model()
+    straight.load_state_dict(initial)
+    fit(straight, data, data, _cfg(), PRESETS["standard"], tmp_path / "straight")
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_epoch_two(metrics: EpochMetrics) -> None:
+        if metrics.epoch == 2:
+            raise Crash
+
+    crashed = _model()
+    crashed.load_state_dict(initial)
+    with pytest.raises(Crash):
+        fit(crashed, data, data, _cfg(), PRESETS["standard"], tmp_path / "run", on_epoch_end=crash_in_epoch_two)
+    payload = load_checkpoint(tmp_path / "run" / LAST)
+    assert payload["epoch"] == 1
+
+    resumed = _model()  # fresh weights: everything must come from the checkpoint
+    state = fit(resumed, data, data, _cfg(), PRESETS["standard"], tmp_path / "run", resume_from=payload)
+    assert state.epoch == 3
+    assert [h["epoch"] for h in state.history] == [1.0, 2.0, 3.0]
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_early_stopping_stops_when_validation_stalls(tmp_path: Path) -> None:
+    images, labels = _toy_data()
+    # Random validation labels: accuracy cannot keep improving.
+    noisy = labels[torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(3))]
+    state = fit(
+        _model(),
+        (images, labels),
+        (images, noisy),
+        _cfg(epochs=30, early_stopping_patience=2, lr=1e-12),
+        PRESETS["none"],
+        tmp_path,
+    )
+    assert state.stopped_early
+    assert state.epoch < 30
+    assert state.epochs_without_improvement == 2
+
+
+def test_checkpoint_is_atomic_and_keeps_the_previous(tmp_path: Path) -> None:
+    save_checkpoint({"value": 1}, tmp_path)
+    save_checkpoint({"value": 2}, tmp_path)
+    assert torch.load(tmp_path / LAST, weights_only=False)["value"] == 2
+    assert torch.load(tmp_path / PREVIOUS, weights_only=False)["value"] == 1
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_corrupt_checkpoint_names_the_file_and_the_fallback(tmp_path: Path) -> None:
+    model = _model()
+    data = _toy_data(4)
+    fit(model, data, data, _cfg(epochs=2), PRESETS["none"], tmp_path)
+    good = (tmp_path / PREVIOUS).read_bytes()
+    last = tmp_path / LAST
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as info:
+        load_checkpoint(last)
+    assert str(tmp_path / PREVIOUS) in str(info.value)
+    assert (tmp_path / PREVIOUS).read_bytes() == good
+    assert load_checkpoint(tmp_path / PREVIOUS)["epoch"] == 1
+
+
+def test_checkpoint_missing_or_incomplete(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    torch.save({"model": {}}, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="lacks"):
+        load_checkpoint(tmp_path / "partial.pt")
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine", "none"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizers_and_schedules(scheduler: str, optimizer: str) -> None:
+    model = _model()
+    cfg = _cfg(scheduler=scheduler, optimizer=optimizer, epochs=2)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, steps_per_epoch=4)
+    decays = sorted(group["weight_decay"] for group in opt.param_groups)
+    assert decays == [0.0, cfg.weight_decay]
+    lrs = []
+    for _ in range(8):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    if scheduler == "none":
+        assert set(lrs) == {cfg.lr}
+    else:
+        assert lrs[-1] < cfg.lr
+
+
+def test_channels_last_training_runs(tmp_path: Path) -> None:
+    data = _toy_data(4)
+    state = fit(_model(), data, data, _cfg(epochs=1, channels_last=True, num_threads=1), PRESETS["strong"], tmp_path)
+    assert state.epoch == 1

@@ -1,0 +1,124 @@
+"""Command line: ``python -m train {data,fit,sweep,evaluate,promote,import} [--config F] [k=v ...]``.
+
+Only argument handling lives here; each command calls one function of its stage module. Known
+failures (config, data, model, tracking, checkpoint, promotion, export) print one ``error:`` line
+and exit with status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument(
+            "--config", type=Path, default=None, help="preset YAML (e.g. configs/presets/best.yaml)"
+        )
+        p.add_argument(
+            "overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=3"
+        )
+        return p
+
+    command("data", "load the data set, write and log its statistics")
+    fit = command("fit", "train the configured model in an MLflow run")
+    fit.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from a checkpoint (file or run folder; default: the latest)",
+    )
+    fit.add_argument("--run-name", default=None)
+    command("sweep", "run the hyper-parameter sweep in configs/sweep.yaml")
+    evaluate = command("evaluate", "evaluate a logged or registered model on the test set")
+    evaluate.add_argument("--model-uri", default=None, help="default: models:/<name>@champion")
+    command("promote", "register the best run and set the champion/challenger aliases")
+    imp = command("import", "export the champion to ONNX and save it in the BentoML store")
+    imp.add_argument("--model-uri", default=None, help="default: models:/<name>@champion")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    from train.config import ConfigError, load_settings
+
+    known_errors: tuple[type[BaseException], ...] = (ConfigError,)
+    try:
+        from train.data import DataError
+        from train.engine import CheckpointError
+        from train.models import ModelError
+        from train.registry import PromotionError
+        from train.tracking import TrackingError
+
+        known_errors = (
+            ConfigError,
+            DataError,
+            CheckpointError,
+            ModelError,
+            PromotionError,
+            TrackingError,
+        )
+        settings = load_settings(args.config, args.overrides)
+        champion = (
+            f"models:/{settings.tracking.registered_model_name}@{settings.registry.champion_alias}"
+        )
+        if args.command == "data":
+            from train.pipeline import run_data
+
+            stats = run_data(settings)
+            print(
+                f"{sum(stats['sizes'].values())} images, {len(stats['classes'])} classes; statistics in {settings.data.stats_path}"
+            )
+        elif args.command == "fit":
+            from train.pipeline import latest_checkpoint, run_fit
+
+            resume = None
+            if args.resume is not None:
+                resume = (
+                    latest_checkpoint(settings) if args.resume == "latest" else Path(args.resume)
+                )
+            outcome = run_fit(settings, resume=resume, run_name=args.run_name)
+            print(
+                f"run {outcome.run_id}: val_accuracy={outcome.val_accuracy:.4f} "
+                f"test_accuracy={outcome.test_accuracy:.4f} in {outcome.minutes:.1f} min"
+            )
+        elif args.command == "sweep":
+            from train.sweep import run_sweep
+
+            for trial, outcome in run_sweep(settings):
+                print(f"{trial}: val_accuracy={outcome.val_accuracy:.4f} run {outcome.run_id}")
+        elif args.command == "evaluate":
+            from train.pipeline import run_evaluate
+
+            metrics = run_evaluate(settings, args.model_uri or champion)
+            print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        elif args.command == "promote":
+            from train.registry import promote
+
+            print(promote(settings).describe(settings.registry.champion_alias))
+        elif args.command == "import":
+            from train.export import ExportError, import_champion
+
+            known_errors = (*known_errors, ExportError)
+            print(f"imported {import_champion(settings, args.model_uri)}")
+    except known_errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        logger.warning("interrupted; resume with: python -m train fit --resume")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Typed settings for every stage, loaded from ``configs/*.yaml`` with overrides.
+
+Precedence, lowest first:
+
+1. ``configs/<section>.yaml`` (one file per section: data, model, train, tracking, registry, export, sweep);
+2. an optional preset file (``--config configs/presets/best.yaml``) holding any sections;
+3. environment variables ``FASHION_SERVE__<SECTION>__<KEY>=value`` (and ``MLFLOW_TRACKING_URI``);
+4. command-line ``section.key=value`` overrides.
+
+Every problem is reported as :class:`ConfigError` with one line naming the file or key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "FASHION_SERVE__"
+SECTIONS = ("data", "model", "train", "tracking", "registry", "export", "sweep")
+
+AugmentationName = Literal["none", "flip", "standard", "strong"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names where it is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where images come from and how they are split."""
+
+    source: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
+    path: Path | None = Field(None, description="Fashion-MNIST idx folder or ImageFolder root.")
+    debian_path: Path = Path("/usr/share/datasets/fashion-mnist")
+    download_root: Path = Path("data/downloads")
+    allow_download: bool = True
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="ImageFolder without test/ only.")
+    split_seed: int = 42
+    image_size: int = Field(28, ge=8, le=512, description="ImageFolder images are resized to this.")
+    channels: Literal[1, 3] = 1
+    limit_per_class: int | None = Field(None, ge=1, description="Subsample for quick runs.")
+    augmentation: AugmentationName = "standard"
+    num_workers: int = Field(0, ge=0)
+    stats_path: Path = Path("artifacts/data_stats.json")
+    max_image_pixels: int = Field(40_000_000, ge=1)
+
+
+class ModelConfig(_Section):
+    """Which architecture to build, and its weights."""
+
+    name: str = "resnet_small"
+    pretrained: bool = False
+    weights_path: Path | None = Field(None, description="Local weights file (e.g. torchvision).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    width: int = Field(32, ge=4, le=256, description="Base channel count for the CNNs.")
+    input_size: int | None = Field(
+        None, ge=16, le=512, description="Upscale inputs to this size inside the network."
+    )
+
+
+class TrainConfig(_Section):
+    """Optimisation, checkpointing and stopping."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    scheduler: Literal["onecycle", "cosine", "none"] = "onecycle"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    early_stopping_patience: int = Field(5, ge=1)
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    seed: int = 0
+    num_threads: int | None = Field(None, ge=1, description="torch threads; None = all cores.")
+    channels_last: bool = False
+    checkpoint_dir: Path = Path("models/checkpoints")
+    max_misclassified: int = Field(36, ge=0)
+    progress: bool = True
+
+
+class TrackingConfig(_Section):
+    """MLflow: embedded sqlite store by default, a server when a URI is given."""
+
+    tracking_uri: str | None = Field(None, description="None = embedded store below.")
+    store_dir: Path = Path("mlflow")
+    experiment_name: str = "fashion-serve"
+    registered_model_name: str = "fashion-classifier"
+    connect_timeout_s: float = Field(5.0, gt=0.0)
+
+    def resolved_uri(self) -> str:
+        """The tracking URI in force: env var, then config, then the embedded sqlite store."""
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env:
+            return env
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{(resolve_path(self.store_dir) / 'mlflow.db').as_posix()}"
+
+    def artifact_location(self) -> str | None:
+        """Artifact root for a new experiment in the embedded store (a server picks its own)."""
+        if os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri:
+            return None
+        return (resolve_path(self.store_dir) / "artifacts").as_uri()
+
+
+class RegistryConfig(_Section):
+    """How ``promote`` chooses the champion."""
+
+    metric: str = "val_accuracy"
+    floor: float = Field(0.85, ge=0.0, le=1.0)
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+    max_runs: int = Field(1000, ge=1)
+
+
+class ExportConfig(_Section):
+    """How ``import`` turns a registered model into a BentoML model."""
+
+    bento_model_name: str = "fashion-classifier"
+    opset: int = Field(17, ge=17)
+    parity_atol: float = Field(1e-4, gt=0.0)
+    parity_batch: int = Field(64, ge=1)
+    bentoml_home: Path | None = Field(None, description="None = BENTOML_HOME or ~/bentoml.")
+
+
+class SweepConfig(_Section):
+    """Hyper-parameter sweep: a grid (or a random sample of it) under a budget."""
+
+    strategy: Literal["grid", "random"] = "grid"
+    architectures: list[str] = Field(default_factory=lambda: ["simple_cnn", "resnet_small"])
+    lrs: list[float] = Field(default_factory=lambda: [0.05, 0.1])
+    batch_sizes: list[int] = Field(default_factory=lambda: [128])
+    optimizers: list[Literal["sgd", "adamw"]] = Field(default_factory=lambda: ["sgd"])  # type: ignore[arg-type]
+    max_runs: int = Field(8, ge=1)
+    time_budget_minutes: float = Field(60.0, gt=0.0)
+    seed: int = 0
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Applied to every run.")
+
+
+class Settings(_Section):
+    """All sections together."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _known_architecture(cls, value: ModelConfig) -> ModelConfig:
+        from train.models import ARCHITECTURES  # local: keeps config importable without torch
+
+        if value.name not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture '{value.name}' (known: {', '.join(sorted(ARCHITECTURES))})"
+            )
+        return value
+
+
+def resolve_path(path: Path) -> Path:
+    """Relative paths in configs are relative to the project root, not the working directory."""
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def config_dir() -> Path:
+    """The folder holding the section files (``FASHION_SERVE_CONFIG_DIR`` overrides)."""
+    return Path(os.environ.get("FASHION_SERVE_CONFIG_DIR", PROJECT_ROOT / "configs"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(content).__name__}")
+    return content
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if len(parts) < 2 or parts[0] not in SECTIONS:
+        raise ConfigError(
+            f"{origin}: '{dotted}' must be section.key with section one of {', '.join(SECTIONS)}"
+        )
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: '{dotted}' goes through a non-mapping value")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value``; the value is read as YAML (so ``3``, ``true``, ``[1,2]`` work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML: {exc}") from exc
+    return key.strip(), value
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    preset: Path | None = None,
+    overrides: list[str] | None = None,
+    directory: Path | None = None,
+) -> Settings:
+    """Build :class:`Settings` from section files, a preset, environment and overrides.
+
+    Args:
+        preset: Optional YAML file whose top-level keys are section names.
+        overrides: ``section.key=value`` strings, applied last.
+        directory: Folder of section files; defaults to :func:`config_dir`.
+
+    Raises:
+        ConfigError: a missing or malformed file, an unknown key or an invalid value.
+    """
+    folder = directory or config_dir()
+    tree: dict[str, Any] = {}
+    for section in SECTIONS:
+        file = folder / f"{section}.yaml"
+        if file.exists():
+            tree[section] = _read_yaml(file)
+    if preset is not None:
+        preset_tree = _read_yaml(preset)
+        unknown = set(preset_tree) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"{preset}: unknown section(s) {', '.join(sorted(unknown))}")
+        tree = _deep_merge(tree, preset_tree)
+    for name, raw in sorted(os.environ.items()):
+        if name.startswith(ENV_PREFIX):
+            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set_dotted(tree, dotted, parse_override(f"x={raw}")[1], f"environment {name}")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, f"override '{text}'")
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(
+            f"invalid config value at {where}: {first['msg']} (got {first.get('input')!r})"
+        ) from exc

@@ -1,0 +1,336 @@
+"""The training loop: ``train_one_epoch``, ``evaluate``, checkpoints, resume and early stopping.
+
+Knows nothing of MLflow: :func:`fit` reports each epoch through a callback. A checkpoint is one
+dict (model, optimizer, scheduler, epoch, RNG states, early-stopping state, best weights), written
+atomically; the previous checkpoint is kept beside it so a crash mid-write never loses both.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from train.config import TrainConfig
+from train.data import iterate_batches
+from train.transforms import AugmentationPreset, augment_batch
+
+LAST = "last.pt"
+PREVIOUS = "previous.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read; the message names the file."""
+
+
+@dataclass
+class EpochMetrics:
+    """What one epoch measured."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    epoch_seconds: float
+    images_per_second: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items() if k != "epoch"}
+
+
+@dataclass
+class EvalResult:
+    """Loss, accuracy, and per-image predictions and probabilities."""
+
+    loss: float
+    accuracy: float
+    predictions: np.ndarray
+    probabilities: np.ndarray
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    epoch: int = 0  # epochs completed
+    best_metric: float = -1.0
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def set_seed(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return the generator used for shuffling and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum or AdamW; no weight decay on norms and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-batch schedule over the whole run."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25
+        )
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    criterion: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    preset: AugmentationPreset,
+    generator: torch.Generator,
+    description: str = "train",
+) -> tuple[float, float, int]:
+    """One pass over the training images. Returns (mean loss, accuracy, images seen)."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    steps = (int(labels.shape[0]) + cfg.batch_size - 1) // cfg.batch_size
+    show = cfg.progress and sys.stderr.isatty()
+    batches = iterate_batches(images, labels, cfg.batch_size, generator)
+    for batch_images, batch_labels in tqdm(
+        batches, total=steps, desc=description, disable=not show, leave=False
+    ):
+        inputs = augment_batch(batch_images, preset, generator).float()
+        if cfg.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(inputs)
+        loss = criterion(logits, batch_labels)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        n = int(batch_labels.shape[0])
+        total_loss += float(loss.detach()) * n
+        correct += int((logits.argmax(1) == batch_labels).sum())
+        seen += n
+    return total_loss / max(seen, 1), correct / max(seen, 1), seen
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    channels_last: bool = False,
+) -> EvalResult:
+    """Loss, accuracy and per-image outputs on a fixed set (no augmentation)."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    total_loss = 0.0
+    preds: list[np.ndarray] = []
+    probs: list[np.ndarray] = []
+    for batch_images, batch_labels in iterate_batches(images, labels, batch_size):
+        inputs = batch_images.float()
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        logits = model(inputs)
+        total_loss += float(criterion(logits, batch_labels))
+        p = torch.softmax(logits, dim=1)
+        probs.append(p.numpy())
+        preds.append(p.argmax(1).numpy())
+    n = max(int(labels.shape[0]), 1)
+    predictions = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    accuracy = float((predictions == labels.numpy()).mean()) if preds else 0.0
+    probabilities = np.concatenate(probs) if probs else np.zeros((0, 0), dtype=np.float32)
+    return EvalResult(total_loss / n, accuracy, predictions, probabilities)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(payload: dict[str, Any], directory: Path) -> Path:
+    """Write ``last.pt`` atomically, keeping the one before as ``previous.pt``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / LAST
+    tmp = directory / f".{LAST}.{os.getpid()}.tmp"
+    torch.save(payload, tmp)
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    if target.exists():
+        target.replace(directory / PREVIOUS)
+    tmp.replace(target)
+    return target
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint dict, or raise :class:`CheckpointError` naming the file and the fallback."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        fallback = path.with_name(PREVIOUS)
+        hint = (
+            f"; the previous good checkpoint is {fallback}"
+            if fallback.exists() and fallback != path
+            else ""
+        )
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({exc}){hint}") from exc
+    required = {"model", "optimizer", "scheduler", "epoch", "rng", "train_state"}
+    if not isinstance(payload, dict) or not required <= set(payload):
+        raise CheckpointError(f"checkpoint {path} lacks {sorted(required - set(payload or {}))}")
+    return payload
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+    }
+
+
+def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+
+
+# --------------------------------------------------------------------------- fit
+
+
+EpochCallback = Callable[[EpochMetrics], None]
+
+
+def fit(
+    model: nn.Module,
+    train_data: tuple[torch.Tensor, torch.Tensor],
+    val_data: tuple[torch.Tensor, torch.Tensor],
+    cfg: TrainConfig,
+    preset: AugmentationPreset,
+    checkpoint_dir: Path,
+    extra: dict[str, Any] | None = None,
+    resume_from: dict[str, Any] | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> TrainState:
+    """Train with per-epoch validation, checkpointing and early stopping.
+
+    Args:
+        model: The network (moved to channels_last here if configured).
+        train_data: ``(uint8 images [N, C, H, W], labels)``.
+        val_data: Same, for validation.
+        cfg: Training settings.
+        preset: Augmentation preset.
+        checkpoint_dir: Where ``last.pt`` / ``previous.pt`` go.
+        extra: Stored in every checkpoint (run id, config, classes, spec).
+        resume_from: A checkpoint dict to continue from.
+        on_epoch_end: Called after each epoch with its metrics.
+
+    Returns:
+        The final :class:`TrainState`; the model holds the best validation weights.
+    """
+    generator = set_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    images, labels = train_data
+    steps_per_epoch = (int(labels.shape[0]) + cfg.batch_size - 1) // cfg.batch_size
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    state = TrainState()
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        scheduler.load_state_dict(resume_from["scheduler"])
+        _restore_rng(resume_from["rng"], generator)
+        state = resume_from["train_state"]
+    while state.epoch < cfg.epochs and not state.stopped_early:
+        epoch = state.epoch + 1
+        start = time.perf_counter()
+        train_loss, train_acc, seen = train_one_epoch(
+            model,
+            optimizer,
+            scheduler,
+            criterion,
+            images,
+            labels,
+            cfg,
+            preset,
+            generator,
+            description=f"epoch {epoch}/{cfg.epochs}",
+        )
+        elapsed = time.perf_counter() - start
+        result = evaluate(model, *val_data, cfg.eval_batch_size, cfg.channels_last)
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=train_loss,
+            train_accuracy=train_acc,
+            val_loss=result.loss,
+            val_accuracy=result.accuracy,
+            lr=float(optimizer.param_groups[0]["lr"]),
+            epoch_seconds=elapsed,
+            images_per_second=seen / elapsed if elapsed > 0 else 0.0,
+        )
+        state.epoch = epoch
+        state.history.append({"epoch": float(epoch), **metrics.as_dict()})
+        if result.accuracy > state.best_metric + cfg.early_stopping_min_delta:
+            state.best_metric = result.accuracy
+            state.best_epoch = epoch
+            state.epochs_without_improvement = 0
+            state.best_weights = copy.deepcopy(model.state_dict())
+        else:
+            state.epochs_without_improvement += 1
+            if state.epochs_without_improvement >= cfg.early_stopping_patience:
+                state.stopped_early = True
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
+        save_checkpoint(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "rng": _rng_state(generator),
+                "train_state": state,
+                **(extra or {}),
+            },
+            checkpoint_dir,
+        )
+    if state.best_weights is not None:
+        model.load_state_dict(state.best_weights)
+    return state

@@ -1,0 +1,342 @@
+"""Import a registered model into the BentoML store: ONNX export, parity check, lineage.
+
+``python -m train import`` resolves the champion in the MLflow registry, exports it to ONNX (the
+TorchScript exporter, ``dynamo=False``, dynamic batch axis), checks that ONNX Runtime agrees with
+torch on a real batch, and only then creates a BentoML model holding ``model.onnx``, the class
+names, the preprocessing spec and the lineage (registered name, version, run id, metrics, git
+commit). Importing a version that is already in the store returns the stored model.
+
+The BentoML store is ``export.bentoml_home`` when set (an explicit store object is passed to
+BentoML, so nothing global changes), otherwise BentoML's own: ``$BENTOML_HOME`` or ``~/bentoml``.
+``bentoml serve`` must then run with ``BENTOML_HOME`` pointing at the same folder.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.models.model import ModelStore
+from loguru import logger
+from numpy.typing import NDArray
+from torch import nn
+
+from train.config import PROJECT_ROOT, ExportConfig, Settings, resolve_path
+from train.preprocess import PreprocessSpec, to_model_input
+
+ONNX_FILE = "model.onnx"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+#: Label keys that identify a registered model version in the BentoML store.
+LABEL_NAME = "registered_model"
+LABEL_VERSION = "registered_version"
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported or imported; the message says why."""
+
+
+def export_onnx(model: nn.Module, spec: PreprocessSpec, path: Path, opset: int) -> Path:
+    """Export ``model`` to ONNX with input ``input`` (raw 0..255 ``float32 [N, C, H, W]``).
+
+    Args:
+        model: A :class:`train.models.Classifier` (or any module with that input contract); it is
+            switched to eval mode.
+        spec: The preprocessing spec, which fixes channels and image size.
+        path: Where to write the ``.onnx`` file.
+        opset: ONNX opset version (17 or later).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ExportError: the exporter or the ONNX checker refused the model.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    example = torch.zeros(2, spec.channels, spec.image_size, spec.image_size, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript exporter is chosen on purpose (the dynamo one needs onnxscript).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        raise ExportError(f"ONNX export (opset {opset}) failed: {exc}") from exc
+    return path
+
+
+def onnx_logits(onnx_path: Path, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Run an exported model on ``batch`` with ONNX Runtime on the CPU."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    outputs = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+    return np.asarray(outputs[0], dtype=np.float32)
+
+
+def check_parity(
+    model: nn.Module, onnx_path: Path, batch: NDArray[np.float32], atol: float
+) -> float:
+    """Compare torch and ONNX Runtime logits on ``batch``.
+
+    Args:
+        model: The torch model that was exported.
+        onnx_path: The exported file.
+        batch: Model input, ``float32 [N, C, H, W]`` in 0..255.
+        atol: Largest accepted absolute difference.
+
+    Returns:
+        The maximum absolute difference between the two sets of logits.
+
+    Raises:
+        ExportError: the difference exceeds ``atol`` or either output is not finite.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+    actual = onnx_logits(onnx_path, batch)
+    if expected.shape != actual.shape:
+        raise ExportError(
+            f"ONNX output shape {actual.shape} differs from torch output shape {expected.shape}"
+        )
+    if not (np.isfinite(expected).all() and np.isfinite(actual).all()):
+        raise ExportError("parity check failed: torch or ONNX logits are not finite")
+    diff = float(np.abs(expected - actual).max())
+    if diff > atol:
+        raise ExportError(
+            f"parity check failed: ONNX and torch logits differ by up to {diff:.3g} "
+            f"on {batch.shape[0]} images (allowed {atol:.3g}); nothing was imported"
+        )
+    return diff
+
+
+def model_store(cfg: ExportConfig) -> ModelStore:
+    """The BentoML model store for ``cfg``: ``bentoml_home/models`` if set, else BentoML's own."""
+    if cfg.bentoml_home is None:
+        return BentoMLContainer.model_store.get()
+    models = resolve_path(cfg.bentoml_home) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    return ModelStore(str(models))
+
+
+def find_imported(name: str, version: str, cfg: ExportConfig) -> bentoml.Tag | None:
+    """The tag of a stored model imported from registered ``name`` version ``version``, if any."""
+    store = model_store(cfg)
+    for stored in bentoml.models.list(cfg.bento_model_name, _model_store=store):
+        labels = stored.info.labels
+        if labels.get(LABEL_NAME) == name and labels.get(LABEL_VERSION) == version:
+            return stored.tag
+    return None
+
+
+def import_to_bento(
+    model: nn.Module,
+    class_names: list[str],
+    spec: PreprocessSpec,
+    lineage: dict[str, Any],
+    parity_batch: NDArray[np.float32],
+    cfg: ExportConfig,
+) -> bentoml.Tag:
+    """Export ``model``, check parity and save it as a BentoML model (once per registered version).
+
+    Args:
+        model: The torch classifier (raw 0..255 pixels in, logits out).
+        class_names: Names of the output classes, in logit order.
+        spec: The preprocessing spec the model was trained with.
+        lineage: ``registered_name``, ``version``, ``run_id``, ``metrics`` and ``git_commit``.
+        parity_batch: Model input used to compare torch and ONNX Runtime.
+        cfg: The export section of the settings.
+
+    Returns:
+        The tag of the new model, or of the stored one imported from the same registered version.
+
+    Raises:
+        ExportError: export or parity failed (nothing is stored), or the lineage is incomplete.
+    """
+    missing = [k for k in ("registered_name", "version") if not lineage.get(k)]
+    if missing:
+        raise ExportError(f"lineage lacks {', '.join(missing)}")
+    name, version = str(lineage["registered_name"]), str(lineage["version"])
+    existing = find_imported(name, version, cfg)
+    if existing is not None:
+        logger.info("{} version {} is already imported as {}", name, version, existing)
+        return existing
+    with tempfile.TemporaryDirectory(prefix="fashion-export-") as tmp:
+        onnx_path = export_onnx(model, spec, Path(tmp) / ONNX_FILE, cfg.opset)
+        diff = check_parity(model, onnx_path, parity_batch, cfg.parity_atol)
+        labels = {
+            LABEL_NAME: name,
+            LABEL_VERSION: version,
+            "run_id": str(lineage.get("run_id", "")),
+            "git_commit": str(lineage.get("git_commit", "unknown")),
+        }
+        metadata: dict[str, Any] = {
+            "class_names": list(class_names),
+            "preprocess": spec.model_dump(mode="json"),
+            "lineage": {**lineage, "registered_name": name, "version": version},
+            "onnx": {
+                "file": ONNX_FILE,
+                "input": INPUT_NAME,
+                "output": OUTPUT_NAME,
+                "opset": cfg.opset,
+                "parity_max_abs_diff": diff,
+                "parity_images": int(parity_batch.shape[0]),
+            },
+        }
+        with bentoml.models.create(
+            cfg.bento_model_name,
+            labels=labels,
+            metadata=metadata,
+            _model_store=model_store(cfg),
+        ) as bento_model:
+            shutil.copyfile(onnx_path, Path(bento_model.path) / ONNX_FILE)
+    logger.info(
+        "imported {} version {} as {} (parity {:.2e})", name, version, bento_model.tag, diff
+    )
+    return bento_model.tag
+
+
+def git_commit() -> str:
+    """The checked-out commit of the project, or ``"unknown"`` outside a git work tree."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() or "unknown"
+
+
+def parity_input(settings: Settings, spec: PreprocessSpec) -> NDArray[np.float32]:
+    """The first ``export.parity_batch`` test images, or seeded random images without data.
+
+    Data is never downloaded for this: a missing or mismatching data set falls back to random
+    ``uint8`` images (seeded with ``train.seed``).
+    """
+    from train.data import DataError, load_data
+
+    count = settings.export.parity_batch
+    shape = (spec.image_size, spec.image_size, spec.channels)
+    try:
+        bundle = load_data(settings.data.model_copy(update={"allow_download": False}))
+        images = bundle.test.images[:count]
+        if images.shape[1:] == shape and len(images) > 0:
+            return to_model_input(list(images))
+        logger.warning("test images are {}, the model wants {}", images.shape[1:], shape)
+    except (DataError, OSError, ValueError) as exc:
+        logger.warning("parity check uses random images: {}", exc)
+    rng = np.random.default_rng(settings.train.seed)
+    return to_model_input(list(rng.integers(0, 256, size=(count, *shape), dtype=np.uint8)))
+
+
+def _registered_version(uri: str) -> tuple[str, str]:
+    """Resolve ``models:/name@alias`` or ``models:/name/version`` to (name, version)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    match = _MODELS_URI.match(uri)
+    if match is None:
+        raise ExportError(
+            f"model URI {uri!r} is not a registered model (use models:/<name>@<alias> "
+            "or models:/<name>/<version>)"
+        )
+    name = match["name"]
+    if match["version"]:
+        return name, match["version"]
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, match["alias"])
+    except MlflowException as exc:
+        raise ExportError(f"cannot resolve {uri}: {exc.message}") from exc
+    return name, str(version.version)
+
+
+def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml.Tag:
+    """Import a registered model (default: the champion alias) into the BentoML store.
+
+    Args:
+        settings: All settings (tracking, registry, data for the parity batch, export).
+        model_uri: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
+
+    Returns:
+        The BentoML model tag.
+
+    Raises:
+        ExportError: the URI cannot be resolved or loaded, lacks metadata, or fails parity.
+        train.tracking.TrackingError: the tracking server is unreachable.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+    from train.tracking import connect
+
+    connect(settings.tracking)
+    uri = model_uri or (
+        f"models:/{settings.tracking.registered_model_name}@{settings.registry.champion_alias}"
+    )
+    name, version = _registered_version(uri)
+    existing = find_imported(name, version, settings.export)
+    if existing is not None:
+        logger.info("{} version {} is already imported as {}", name, version, existing)
+        return existing
+    client = MlflowClient()
+    try:
+        model_version = client.get_model_version(name, version)
+        info = mlflow.models.get_model_info(uri)
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except MlflowException as exc:
+        raise ExportError(f"cannot load {uri}: {exc.message}") from exc
+    metadata = info.metadata or {}
+    if "class_names" not in metadata or "preprocess" not in metadata:
+        raise ExportError(
+            f"{uri} lacks class_names/preprocess metadata (log it with train.tracking)"
+        )
+    spec = PreprocessSpec.model_validate(metadata["preprocess"])
+    run_id = model_version.run_id or info.run_id or ""
+    run = client.get_run(run_id) if run_id else None
+    lineage: dict[str, Any] = {
+        "registered_name": name,
+        "version": version,
+        "model_uri": uri,
+        "run_id": run_id,
+        "metrics": dict(run.data.metrics) if run else {},
+        "git_commit": (run.data.tags.get("mlflow.source.git.commit") if run else None)
+        or git_commit(),
+        "torch_version": torch.__version__,
+    }
+    return import_to_bento(
+        model,
+        list(metadata["class_names"]),
+        spec,
+        lineage,
+        parity_input(settings, spec),
+        settings.export,
+    )

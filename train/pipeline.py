@@ -1,0 +1,244 @@
+"""The stages the CLI runs: ``data`` (statistics), ``fit`` (train + evaluate + log) and ``evaluate``.
+
+Each stage validates everything it can (config, data, tracking store, resume checkpoint) before
+any training starts, so a mistake costs seconds and leaves MLflow and ``models/`` untouched.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+
+import mlflow
+from train import tracking
+from train.config import Settings, resolve_path
+from train.data import DataBundle, dataset_statistics, load_data, to_tensors, write_statistics
+from train.engine import (
+    CheckpointError,
+    EpochMetrics,
+    evaluate,
+    fit,
+    load_checkpoint,
+)
+from train.models import ModelError, build_model, count_parameters, model_size_mb
+from train.preprocess import PreprocessSpec, to_model_input
+from train.transforms import get_preset
+
+
+@dataclass
+class FitOutcome:
+    """What a finished training run produced."""
+
+    run_id: str
+    model_uri: str
+    val_accuracy: float
+    test_accuracy: float
+    epochs: int
+    minutes: float
+
+
+def run_data(settings: Settings) -> dict[str, Any]:
+    """Load the data set, write its statistics JSON and log them to an MLflow run."""
+    bundle = load_data(settings.data)
+    stats = dataset_statistics(bundle)
+    path = write_statistics(stats, settings.data.stats_path)
+    experiment_id = tracking.connect(settings.tracking)
+    with mlflow.start_run(experiment_id=experiment_id, run_name="data-statistics"):
+        mlflow.set_tag("stage", "data")
+        mlflow.log_artifact(str(path), artifact_path="data")
+        mlflow.log_metrics({f"count_{k}": float(v) for k, v in stats["sizes"].items()})
+    logger.info("dataset statistics written to {}", path)
+    return stats
+
+
+def _resume_payload(settings: Settings, resume: Path | None) -> dict[str, Any] | None:
+    if resume is None:
+        return None
+    path = resume
+    if path.is_dir():
+        path = path / "last.pt"
+    payload = load_checkpoint(path)
+    if "run_id" not in payload:
+        raise CheckpointError(f"checkpoint {path} has no MLflow run id; it cannot be resumed")
+    return payload
+
+
+def latest_checkpoint(settings: Settings) -> Path:
+    """The most recently written ``last.pt`` under ``train.checkpoint_dir``."""
+    root = resolve_path(settings.train.checkpoint_dir)
+    candidates = sorted(root.glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint to resume under {root}")
+    return candidates[-1]
+
+
+def run_fit(
+    settings: Settings, resume: Path | None = None, run_name: str | None = None
+) -> FitOutcome:
+    """Train the configured model in an MLflow run (or continue one from a checkpoint).
+
+    Args:
+        settings: All settings.
+        resume: A checkpoint file or run checkpoint folder to continue from.
+        run_name: Optional MLflow run name.
+    """
+    payload = _resume_payload(settings, resume)
+    if payload is not None:
+        # The checkpoint's own settings win: a resumed run must be the same run.
+        settings = Settings.model_validate(payload["settings"])
+    experiment_id = tracking.connect(settings.tracking)
+    bundle = load_data(settings.data)
+    model = build_model(settings.model, bundle.spec, len(bundle.classes))
+    torch.set_num_threads(settings.train.num_threads or torch.get_num_threads())
+    started = time.perf_counter()
+    run_kwargs: dict[str, Any] = (
+        {"run_id": payload["run_id"]}
+        if payload is not None
+        else {"experiment_id": experiment_id, "run_name": run_name}
+    )
+    with mlflow.start_run(**run_kwargs) as run:
+        run_id = run.info.run_id
+        checkpoint_dir = resolve_path(settings.train.checkpoint_dir) / run_id
+        if payload is None:
+            _log_run_start(settings, bundle, model)
+        else:
+            logger.info("resuming run {} after epoch {}", run_id, payload["epoch"])
+            mlflow.set_tag("resumed_after_epoch", str(payload["epoch"]))
+
+        def on_epoch_end(metrics: EpochMetrics) -> None:
+            mlflow.log_metrics(metrics.as_dict(), step=metrics.epoch)
+            logger.info(
+                "epoch {}: train_loss={:.4f} val_accuracy={:.4f} ({:.1f}s, {:.0f} img/s)",
+                metrics.epoch,
+                metrics.train_loss,
+                metrics.val_accuracy,
+                metrics.epoch_seconds,
+                metrics.images_per_second,
+            )
+
+        state = fit(
+            model,
+            to_tensors(bundle.train),
+            to_tensors(bundle.val),
+            settings.train,
+            get_preset(settings.data.augmentation),
+            checkpoint_dir,
+            extra={
+                "run_id": run_id,
+                "settings": settings.model_dump(mode="json"),
+                "classes": bundle.classes,
+                "spec": bundle.spec.model_dump(mode="json"),
+            },
+            resume_from=payload,
+            on_epoch_end=on_epoch_end,
+        )
+        minutes = (time.perf_counter() - started) / 60.0
+        test_accuracy = _log_final_evaluation(settings, bundle, model)
+        mlflow.log_metrics(
+            {
+                "best_val_accuracy": state.best_metric,
+                "best_epoch": float(state.best_epoch),
+                "epochs_trained": float(state.epoch),
+                "train_minutes": minutes,
+            }
+        )
+        mlflow.set_tag("stopped_early", str(state.stopped_early))
+        model_uri = tracking.log_model(
+            model.eval(), bundle.classes, bundle.spec, _example(bundle), torch.__version__
+        )
+    logger.info(
+        "run {} done: best val_accuracy={:.4f}, test_accuracy={:.4f}, model {}",
+        run_id,
+        state.best_metric,
+        test_accuracy,
+        model_uri,
+    )
+    return FitOutcome(run_id, model_uri, state.best_metric, test_accuracy, state.epoch, minutes)
+
+
+def _example(bundle: DataBundle) -> np.ndarray:
+    return to_model_input(list(bundle.val.images[:2]))
+
+
+def _log_run_start(settings: Settings, bundle: DataBundle, model: torch.nn.Module) -> None:
+    mlflow.log_params(tracking.flatten(settings.model_dump(mode="json")))
+    mlflow.log_params(
+        {
+            "num_classes": str(len(bundle.classes)),
+            "train_size": str(len(bundle.train)),
+            "val_size": str(len(bundle.val)),
+            "test_size": str(len(bundle.test)),
+        }
+    )
+    mlflow.log_metrics(
+        {"parameters": float(count_parameters(model)), "size_mb": model_size_mb(model)}
+    )
+    mlflow.set_tags(
+        {
+            "architecture": settings.model.name,
+            "data_source": bundle.source,
+            "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+            "torch": torch.__version__,
+        }
+    )
+    tracking.log_json(dataset_statistics(bundle), "data/data_stats.json")
+    tracking.log_json(bundle.classes, "model_metadata/class_names.json")
+
+
+def _log_final_evaluation(settings: Settings, bundle: DataBundle, model: torch.nn.Module) -> float:
+    """Evaluate on the untouched test set; log metrics, report and plots. Returns test accuracy."""
+    images, labels = to_tensors(bundle.test)
+    result = evaluate(
+        model, images, labels, settings.train.eval_batch_size, settings.train.channels_last
+    )
+    matrix = tracking.confusion_matrix(bundle.test.labels, result.predictions, len(bundle.classes))
+    report = tracking.per_class_report(matrix, bundle.classes)
+    mlflow.log_metrics({"test_accuracy": result.accuracy, "test_loss": result.loss})
+    mlflow.log_metrics({"test_macro_f1": report["macro avg"]["f1"]})
+    tracking.log_json(report, "evaluation/per_class_report.json")
+    tracking.log_json(matrix.tolist(), "evaluation/confusion_matrix.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        confidences = result.probabilities.max(axis=1) if len(result.probabilities) else np.zeros(0)
+        figures = [
+            tracking.plot_confusion_matrix(
+                matrix, bundle.classes, Path(tmp) / "confusion_matrix.png"
+            ),
+            tracking.plot_misclassified(
+                bundle.test.images,
+                bundle.test.labels,
+                result.predictions,
+                confidences,
+                bundle.classes,
+                Path(tmp) / "misclassified.png",
+                settings.train.max_misclassified,
+            ),
+        ]
+        tracking.log_figures(figures)
+    return result.accuracy
+
+
+def run_evaluate(settings: Settings, model_uri: str) -> dict[str, float]:
+    """Evaluate a logged or registered model on the configured test set (no logging)."""
+    tracking.connect(settings.tracking)
+    bundle = load_data(settings.data)
+    model = mlflow.pytorch.load_model(model_uri)
+    images, labels = to_tensors(bundle.test)
+    result = evaluate(model, images, labels, settings.train.eval_batch_size)
+    return {"test_accuracy": result.accuracy, "test_loss": result.loss}
+
+
+def spec_from_metadata(metadata: dict[str, Any] | None) -> tuple[list[str], PreprocessSpec]:
+    """Class names and preprocessing spec stored with a logged model."""
+    if not metadata or "class_names" not in metadata or "preprocess" not in metadata:
+        raise ModelError(
+            "the model has no class_names/preprocess metadata; was it logged by this project?"
+        )
+    return list(metadata["class_names"]), PreprocessSpec.model_validate(metadata["preprocess"])
