@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", "evaluate a logged or registered model on the test set")
     evaluate.add_argument("--model-uri", default=None, help="default: models:/<name>@champion")
     command("promote", "register the best run and set the champion/challenger aliases")
+    command("report", "print the model table (best run per architecture) and update README.md")
     imp = command("import", "export the champion to ONNX and save it in the BentoML store")
     imp.add_argument("--model-uri", default=None, help="default: models:/<name>@champion")
     return parser
@@ -106,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             from train.registry import promote
 
             print(promote(settings).describe(settings.registry.champion_alias))
+        elif args.command == "report":
+            from train.report import model_table, update_readme
+
+            table = model_table(settings)
+            print(table)
+            if update_readme(table):
+                print("README.md model table updated")
         elif args.command == "import":
             from train.export import ExportError, import_champion
 

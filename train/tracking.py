@@ -183,6 +183,9 @@ def log_model(
     info = mlflow.pytorch.log_model(
         pytorch_model=model,
         name=MODEL_ARTIFACT_NAME,
+        # pickle keeps a plain nn.Module (pt2 loads as an ExportedProgram, no .eval()/ONNX path);
+        # loading needs this project's `train` package, which every consumer here has.
+        serialization_format="pickle",
         signature=infer_signature(example, output),
         input_example=example,
         pip_requirements=[f"torch=={torch_version.split('+')[0]}", "timm", "numpy"],

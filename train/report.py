@@ -1,0 +1,67 @@
+"""The README's model table: the best finished run per architecture, read back from MLflow.
+
+``python -m train report`` prints the table and rewrites the block between the markers in
+README.md, so every number there comes from a logged run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Run
+
+from train import tracking
+from train.config import PROJECT_ROOT, Settings
+
+START = "<!-- model-table:start -->"
+END = "<!-- model-table:end -->"
+HEADER = (
+    "| architecture | parameters | size (MB) | epochs | minutes | val accuracy | test accuracy "
+    "| machine | run |\n|---|---:|---:|---:|---:|---:|---:|---|---|"
+)
+
+
+def best_runs(settings: Settings) -> list[Run]:
+    """The best finished run (by the registry metric) of each architecture."""
+    experiment_id = tracking.connect(settings.tracking)
+    metric = settings.registry.metric
+    runs: list[Run] = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string="attributes.status = 'FINISHED'",
+        output_format="list",
+    )
+    best: dict[str, Run] = {}
+    for run in runs:
+        arch = run.data.tags.get("architecture")
+        if arch is None or metric not in run.data.metrics or "test_accuracy" not in run.data.metrics:
+            continue
+        if arch not in best or run.data.metrics[metric] > best[arch].data.metrics[metric]:
+            best[arch] = run
+    return sorted(best.values(), key=lambda r: -r.data.metrics["test_accuracy"])
+
+
+def model_table(settings: Settings) -> str:
+    """Markdown table, one row per architecture."""
+    rows = [HEADER]
+    for run in best_runs(settings):
+        m = run.data.metrics
+        rows.append(
+            f"| {run.data.tags['architecture']} | {int(m.get('parameters', 0)):,} "
+            f"| {m.get('size_mb', 0):.2f} | {int(m.get('epochs_trained', 0))} "
+            f"| {m.get('train_minutes', 0):.1f} | {100 * m[settings.registry.metric]:.2f}% "
+            f"| {100 * m['test_accuracy']:.2f}% | {run.data.tags.get('machine', '?')} "
+            f"| `{run.info.run_id[:8]}` |"
+        )
+    return "\n".join(rows)
+
+
+def update_readme(table: str, readme: Path = PROJECT_ROOT / "README.md") -> bool:
+    """Replace the block between the markers; returns False when the markers are absent."""
+    text = readme.read_text()
+    if START not in text or END not in text:
+        return False
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+    return True
