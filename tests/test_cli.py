@@ -32,18 +32,24 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return err_lines[0]
 
 
-def test_unknown_architecture(make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_architecture(
+    make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["fit", *_args(make_settings()), "model.name=vgg99"]) == 2
     line = _one_error_line(capsys)
     assert "unknown architecture 'vgg99'" in line and "simple_cnn" in line
 
 
-def test_bad_value_names_the_key(make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_value_names_the_key(
+    make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["fit", *_args(make_settings()), "train.lr=-1"]) == 2
     assert "train.lr" in _one_error_line(capsys)
 
 
-def test_missing_data(make_settings: MakeSettings, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_data(
+    make_settings: MakeSettings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["fit", *_args(make_settings()), f"data.path={tmp_path / 'void'}"]) == 2
     assert "void" in _one_error_line(capsys)
 
@@ -62,7 +68,10 @@ def test_unreachable_server(
 
 
 def test_data_fit_promote_evaluate_report(
-    make_settings: MakeSettings, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_settings: MakeSettings,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = make_settings()
     args = _args(settings)
@@ -83,11 +92,15 @@ def test_data_fit_promote_evaluate_report(
     assert "| simple_cnn |" in readme.read_text() and "old" not in readme.read_text()
 
 
-def test_promote_with_nothing_trained(make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]) -> None:
+def test_promote_with_nothing_trained(
+    make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["promote", *_args(make_settings())]) == 2
     assert "no finished run" in _one_error_line(capsys)
 
 
-def test_resume_with_nothing_to_resume(make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_with_nothing_to_resume(
+    make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["fit", *_args(make_settings()), "--resume"]) == 2
     assert "no checkpoint" in _one_error_line(capsys)

@@ -71,22 +71,32 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> No
     straight.load_state_dict(initial)
     fit(straight, data, data, _cfg(), PRESETS["standard"], tmp_path / "straight")
 
-    class Crash(Exception):
+    class CrashError(Exception):
         pass
 
     def crash_in_epoch_two(metrics: EpochMetrics) -> None:
         if metrics.epoch == 2:
-            raise Crash
+            raise CrashError
 
     crashed = _model()
     crashed.load_state_dict(initial)
-    with pytest.raises(Crash):
-        fit(crashed, data, data, _cfg(), PRESETS["standard"], tmp_path / "run", on_epoch_end=crash_in_epoch_two)
+    with pytest.raises(CrashError):
+        fit(
+            crashed,
+            data,
+            data,
+            _cfg(),
+            PRESETS["standard"],
+            tmp_path / "run",
+            on_epoch_end=crash_in_epoch_two,
+        )
     payload = load_checkpoint(tmp_path / "run" / LAST)
     assert payload["epoch"] == 1
 
     resumed = _model()  # fresh weights: everything must come from the checkpoint
-    state = fit(resumed, data, data, _cfg(), PRESETS["standard"], tmp_path / "run", resume_from=payload)
+    state = fit(
+        resumed, data, data, _cfg(), PRESETS["standard"], tmp_path / "run", resume_from=payload
+    )
     assert state.epoch == 3
     assert [h["epoch"] for h in state.history] == [1.0, 2.0, 3.0]
     for name, tensor in straight.state_dict().items():
@@ -162,5 +172,12 @@ def test_optimizers_and_schedules(scheduler: str, optimizer: str) -> None:
 
 def test_channels_last_training_runs(tmp_path: Path) -> None:
     data = _toy_data(4)
-    state = fit(_model(), data, data, _cfg(epochs=1, channels_last=True, num_threads=1), PRESETS["strong"], tmp_path)
+    state = fit(
+        _model(),
+        data,
+        data,
+        _cfg(epochs=1, channels_last=True, num_threads=1),
+        PRESETS["strong"],
+        tmp_path,
+    )
     assert state.epoch == 1

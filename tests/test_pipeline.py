@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from train import tracking
 from train.config import Settings
 from train.data import DataError
-from train.pipeline import latest_checkpoint, run_data, run_evaluate, run_fit, spec_from_metadata
 from train.engine import CheckpointError
 from train.models import ModelError
+from train.pipeline import latest_checkpoint, run_data, run_evaluate, run_fit, spec_from_metadata
 from train.tracking import TrackingError
 
 MakeSettings = Callable[..., Settings]
@@ -43,7 +43,9 @@ def test_fit_logs_metrics_artifacts_and_model(make_settings: MakeSettings) -> No
     assert artifacts == {"plots/confusion_matrix.png", "plots/misclassified.png"}
     evaluation = {a.path for a in client.list_artifacts(outcome.run_id, "evaluation")}
     assert "evaluation/per_class_report.json" in evaluation
-    assert {a.path for a in client.list_artifacts(outcome.run_id, "data")} == {"data/data_stats.json"}
+    assert {a.path for a in client.list_artifacts(outcome.run_id, "data")} == {
+        "data/data_stats.json"
+    }
     report = mlflow.artifacts.load_dict(f"runs:/{outcome.run_id}/evaluation/per_class_report.json")
     assert set(report) >= {"T-shirt/top", "Ankle boot", "macro avg"}
     classes, spec = spec_from_metadata(mlflow.models.get_model_info(outcome.model_uri).metadata)
@@ -127,13 +129,18 @@ def test_kill_9_during_training_then_resume_continues_the_same_run(
 ) -> None:
     """A real ``kill -9`` of ``python -m train fit``; ``--resume`` finishes the same MLflow run."""
     settings = make_settings(
-        "model.name=resnet_small", "model.width=32", "train.epochs=6", "train.early_stopping_patience=50"
+        "model.name=resnet_small",
+        "model.width=32",
+        "train.epochs=6",
+        "train.early_stopping_patience=50",
     )
     overrides = _overrides_of(settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_SERVE__")}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "train", "fit", *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     checkpoint_root = Path(settings.train.checkpoint_dir)
     deadline = time.monotonic() + 240
     while not list(checkpoint_root.glob("*/last.pt")):

@@ -24,10 +24,21 @@ def _logged_run(settings: Settings, metric: float, width: int, finished: bool = 
     experiment_id = tracking.connect(settings.tracking)
     model = build_model(ModelConfig(name="simple_cnn", width=width), PreprocessSpec(), 3)
     run = mlflow.start_run(experiment_id=experiment_id)
-    mlflow.log_metrics({"best_val_accuracy": metric, "parameters": float(sum(p.numel() for p in model.parameters()))})
-    tracking.log_model(model, ["a", "b", "c"], PreprocessSpec(), np.zeros((1, 1, 28, 28), np.float32), torch.__version__)
+    mlflow.log_metrics(
+        {
+            "best_val_accuracy": metric,
+            "parameters": float(sum(p.numel() for p in model.parameters())),
+        }
+    )
+    tracking.log_model(
+        model,
+        ["a", "b", "c"],
+        PreprocessSpec(),
+        np.zeros((1, 1, 28, 28), np.float32),
+        torch.__version__,
+    )
     mlflow.end_run(status="FINISHED" if finished else "FAILED")
-    return run.info.run_id
+    return str(run.info.run_id)
 
 
 def test_promote_picks_best_sets_aliases_and_is_idempotent(make_settings: MakeSettings) -> None:

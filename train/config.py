@@ -181,13 +181,18 @@ def config_dir() -> Path:
     return Path(os.environ.get("FASHION_SERVE_CONFIG_DIR", PROJECT_ROOT / "configs"))
 
 
+def _one_line(exc: Exception) -> str:
+    """PyYAML messages span several lines (with a caret drawing); errors here are one line."""
+    return " ".join(str(exc).split())
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         content = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(exc)}") from exc
     if content is None:
         return {}
     if not isinstance(content, dict):
@@ -218,7 +223,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML: {exc}") from exc
+        raise ConfigError(f"override '{text}': value is not valid YAML: {_one_line(exc)}") from exc
     return key.strip(), value
 
 

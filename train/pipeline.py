@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 from loguru import logger
 
-import mlflow
 from train import tracking
 from train.config import Settings, resolve_path
 from train.data import DataBundle, dataset_statistics, load_data, to_tensors, write_statistics

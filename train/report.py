@@ -34,7 +34,11 @@ def best_runs(settings: Settings) -> list[Run]:
     best: dict[str, Run] = {}
     for run in runs:
         arch = run.data.tags.get("architecture")
-        if arch is None or metric not in run.data.metrics or "test_accuracy" not in run.data.metrics:
+        if (
+            arch is None
+            or metric not in run.data.metrics
+            or "test_accuracy" not in run.data.metrics
+        ):
             continue
         if arch not in best or run.data.metrics[metric] > best[arch].data.metrics[metric]:
             best[arch] = run

@@ -12,9 +12,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import mlflow
 from loguru import logger
 
-import mlflow
 from train.config import Settings
 from train.pipeline import FitOutcome, run_fit
 

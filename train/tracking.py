@@ -18,11 +18,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import mlflow
 import numpy as np
 from mlflow.models import infer_signature
 from torch import nn
 
-import mlflow
 from train.config import TrackingConfig, resolve_path
 from train.preprocess import PreprocessSpec
 

@@ -40,7 +40,7 @@ def get_preset(name: AugmentationName) -> AugmentationPreset:
 def augment_batch(
     images: torch.Tensor, preset: AugmentationPreset, generator: torch.Generator
 ) -> torch.Tensor:
-    """Augment a batch ``[N, C, H, W]`` (any dtype); returns a new tensor of the same shape.
+    """Augment a batch ``[N, C, H, W]`` (any dtype); same shape (the input itself for ``none``).
 
     Args:
         images: The batch, unnormalised.
