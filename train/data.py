@@ -338,7 +338,9 @@ def write_statistics(stats: dict[str, Any], path: Path) -> Path:
 
 def to_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """``uint8 [N, C, H, W]`` images and ``int64`` labels as torch tensors (shared memory)."""
-    images = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2)))
+    images = torch.from_numpy(
+        np.require(split.images.transpose(0, 3, 1, 2), requirements=["C", "W"])
+    )
     return images, torch.from_numpy(split.labels)
 
 

@@ -1,0 +1,787 @@
+"""The BentoML service: ``POST /predict`` and ``POST /batch_predict`` on ONNX Runtime.
+
+Serving must not import torch or MLflow; it uses :mod:`train.preprocess` (numpy, PIL, pydantic).
+
+How a request flows:
+
+1. :class:`UploadGate`, an ASGI middleware in front of the two routes, reads the body (byte limit),
+   parses ``multipart/form-data`` itself (python-multipart, no temp files), accepts uploaded
+   files only, decodes each image from its bytes (format sniffed, EXIF, JPEG draft, pixel limit)
+   and turns it into model input. Every client mistake ends here as a 4xx JSON body
+   ``{"error": ..., "kind": ...}``. BentoML's own multipart parsing is bypassed on purpose: it
+   treats a form value without a filename as a URL and downloads it.
+2. The parsed pixels reach the API through a context variable (:class:`PredictInput` and
+   :class:`BatchPredictInput` only declare the multipart schema for ``/docs.json``).
+3. Both APIs are ``batchable``: BentoML's adaptive batcher joins concurrent requests of the same
+   endpoint into one ONNX Runtime call (``configs/serving.yaml`` sets the batch sizes and the
+   latency budgets). ``/predict`` is batched like ``/batch_predict``; its response is unwrapped to
+   one object.
+4. The gate writes one JSON log line per request (loguru; BentoML's stdlib logging goes to the
+   same sink) and the service records Prometheus metrics that BentoML serves on ``/metrics``.
+
+Settings come from ``configs/serving.yaml`` with ``FASHION_SERVE_SERVING__KEY`` overrides.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, cast
+
+import anyio.to_thread
+import bentoml
+import numpy as np
+import onnxruntime as ort
+import yaml
+from _bentoml_sdk.io_models import IORootModel  # type: ignore[import-untyped]
+from bentoml.exceptions import InvalidArgument
+from bentoml.validators import ContentType
+from loguru import logger
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from train.preprocess import (
+    ImageDecodeError,
+    PreprocessSpec,
+    decode_image,
+    prepare_image,
+    softmax,
+    to_model_input,
+)
+
+if TYPE_CHECKING:
+    import loguru
+    import prometheus_client
+    from python_multipart.multipart import MultipartCallbacks
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+ENV_PREFIX = "FASHION_SERVE_SERVING__"
+ONNX_FILE = "model.onnx"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+# --------------------------------------------------------------------------- settings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingSettings(_Strict):
+    """Adaptive batching of one endpoint."""
+
+    max_batch_size: int = Field(ge=2, description="Most images in one ONNX Runtime call.")
+    max_latency_ms: int = Field(
+        gt=0, description="Queue wait + estimated batch time after which BentoML answers 503."
+    )
+
+
+class LimitSettings(_Strict):
+    """What one request may hold."""
+
+    max_upload_bytes: int = Field(ge=1)
+    max_pixels: int = Field(ge=1, description="Width * height of one image.")
+    max_images_per_batch: int = Field(ge=1)
+    draft_size: int | None = Field(None, ge=1, description="JPEG reduced-size decoding target.")
+    inline_decode_max_bytes: int = Field(
+        ge=0, description="Bodies up to this size are decoded on the event loop."
+    )
+
+
+class ServingSettings(_Strict):
+    """Everything ``service.py`` reads from ``configs/serving.yaml``."""
+
+    model_tag: str
+    workers: int = Field(ge=1)
+    threads: int = Field(ge=1)
+    onnx_intra_op_threads: int = Field(ge=1)
+    onnx_inter_op_threads: int = Field(ge=1)
+    predict: BatchingSettings
+    batch_predict: BatchingSettings
+    timeout_s: float = Field(gt=0)
+    max_concurrency: int = Field(ge=1)
+    limits: LimitSettings
+    tracing_excluded_urls: list[str] = Field(
+        description="URL patterns without OpenTelemetry spans (spans cost per request)."
+    )
+    log_level: str = Field(pattern=r"^(TRACE|DEBUG|INFO|SUCCESS|WARNING|ERROR|CRITICAL)$")
+    access_log: bool
+
+
+class ServingConfigError(ValueError):
+    """``configs/serving.yaml`` or an override is wrong; the message names the key."""
+
+
+def serving_config_path() -> Path:
+    """``serving.yaml`` in ``FASHION_SERVE_CONFIG_DIR`` (default: the project's ``configs``)."""
+    folder = os.environ.get("FASHION_SERVE_CONFIG_DIR", str(PROJECT_ROOT / "configs"))
+    return Path(folder) / "serving.yaml"
+
+
+def load_serving_settings(
+    path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> ServingSettings:
+    """Read the serving settings and apply ``FASHION_SERVE_SERVING__A__B=value`` overrides.
+
+    Args:
+        path: The YAML file; defaults to :func:`serving_config_path`.
+        environ: Environment to read overrides from; defaults to ``os.environ``.
+
+    Raises:
+        ServingConfigError: a missing or malformed file, or an unknown key or invalid value.
+    """
+    file = path or serving_config_path()
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ServingConfigError(f"cannot read serving config {file}: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ServingConfigError(f"serving config {file} must hold a mapping")
+    for name, raw in sorted((os.environ if environ is None else environ).items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ServingConfigError(f"{name}: '{key}' is not a section")
+            node = child
+        try:
+            node[keys[-1]] = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as exc:
+            raise ServingConfigError(f"{name}: value is not valid YAML: {exc}") from exc
+    try:
+        return ServingSettings.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ServingConfigError(
+            f"invalid serving config at {where}: {first['msg']} ({file}, {ENV_PREFIX}*)"
+        ) from exc
+
+
+SETTINGS = load_serving_settings()
+
+# --------------------------------------------------------------------------- API models
+
+
+class Prediction(BaseModel):
+    """One image's prediction."""
+
+    label: str = Field(description="The most likely class.")
+    class_id: int = Field(description="Index of ``label`` in the model's classes.")
+    confidence: float = Field(description="Probability of ``label``.")
+    scores: dict[str, float] = Field(description="Probability of every class.")
+
+
+class ErrorBody(BaseModel):
+    """The JSON body of every 4xx answer from the upload gate."""
+
+    error: str = Field(description="What is wrong, in words.")
+    kind: str = Field(description="A stable code, e.g. too_many_pixels, not_an_image.")
+
+
+class BadInputError(Exception):
+    """A client mistake: answered with ``status`` and an :class:`ErrorBody`."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+_DECODE_STATUS = {
+    "empty": 400,
+    "not_an_image": 415,
+    "unsupported_format": 415,
+    "too_many_pixels": 413,
+    "corrupt": 422,
+}
+
+
+@dataclass
+class Exchange:
+    """One request as the gate parsed it, and what the API answered."""
+
+    request_id: str
+    endpoint: str
+    pixels: NDArray[np.float32]
+    predictions: list[Prediction] = field(default_factory=list)
+
+
+_EXCHANGE: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar(
+    "fashion_serve_exchange", default=None
+)
+
+
+def _current_pixels() -> NDArray[np.float32]:
+    exchange = _EXCHANGE.get()
+    if exchange is None:
+        # Only reachable if a route is served without the gate (a wiring mistake).
+        raise InvalidArgument("images must be uploaded as multipart/form-data files")
+    return exchange.pixels
+
+
+def _record(predictions: Sequence[Prediction]) -> None:
+    exchange = _EXCHANGE.get()
+    if exchange is not None:
+        exchange.predictions = list(predictions)
+
+
+class PredictInput(bentoml.IODescriptor):  # type: ignore[misc]
+    """``multipart/form-data`` with one image file in field ``image``."""
+
+    image: Annotated[Path, ContentType("image/*")] = Field(
+        description="PNG, JPEG, WebP, BMP, GIF or TIFF bytes (format read from the bytes)."
+    )
+
+    @classmethod
+    async def from_http_request(cls, request: Any, serde: Any) -> PredictInput:
+        """Take the pixels the gate prepared (the body is already consumed)."""
+        parsed: PredictInput = cls.model_construct(image=_current_pixels())
+        return parsed
+
+
+class BatchPredictInput(bentoml.IODescriptor):  # type: ignore[misc]
+    """``multipart/form-data`` with image files in repeated field ``images``."""
+
+    images: list[Annotated[Path, ContentType("image/*")]] = Field(
+        description="Image files; answers come back in this order."
+    )
+
+    @classmethod
+    async def from_http_request(cls, request: Any, serde: Any) -> BatchPredictInput:
+        """Take the pixels the gate prepared (the body is already consumed)."""
+        parsed: BatchPredictInput = cls.model_construct(images=_current_pixels())
+        return parsed
+
+
+class PredictOutput(bentoml.IODescriptor, Prediction):  # type: ignore[misc]
+    """The prediction for the one image."""
+
+    @classmethod
+    async def to_http_response(cls, obj: Any, serde: Any) -> Any:
+        """Unwrap the batched result (a list of one) into a single object."""
+        _record(obj)
+        return await super().to_http_response(obj[0], serde)
+
+
+class BatchPredictOutput(IORootModel[list[Prediction]]):  # type: ignore[misc]
+    """The predictions, in the order the images were uploaded."""
+
+    @classmethod
+    async def to_http_response(cls, obj: Any, serde: Any) -> Any:
+        """Serialise the list of predictions."""
+        _record(obj)
+        return await super().to_http_response(obj, serde)
+
+
+# --------------------------------------------------------------------------- metrics and logs
+
+
+@dataclass(frozen=True)
+class ServiceMetrics:
+    """The service's own Prometheus metrics (BentoML's are on ``/metrics`` beside them)."""
+
+    predictions: prometheus_client.Counter
+    confidence: prometheus_client.Histogram
+    decode_seconds: prometheus_client.Histogram
+    preprocess_seconds: prometheus_client.Histogram
+    inference_seconds: prometheus_client.Histogram
+    batch_size: prometheus_client.Histogram
+    errors: prometheus_client.Counter
+
+
+@functools.cache
+def service_metrics() -> ServiceMetrics:
+    """Create the metrics once per process."""
+    # Imported here: BentoML sets PROMETHEUS_MULTIPROC_DIR in the worker after importing this
+    # module, and prometheus_client picks its storage mode when it is imported.
+    import prometheus_client as prom
+
+    seconds = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+    return ServiceMetrics(
+        predictions=prom.Counter(
+            "fashion_serve_predictions", "Predictions by predicted class.", ["label"]
+        ),
+        confidence=prom.Histogram(
+            "fashion_serve_confidence",
+            "Probability of the predicted class.",
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+        ),
+        decode_seconds=prom.Histogram(
+            "fashion_serve_decode_seconds", "Decoding one image.", buckets=seconds
+        ),
+        preprocess_seconds=prom.Histogram(
+            "fashion_serve_preprocess_seconds",
+            "Resizing and converting one image.",
+            buckets=seconds,
+        ),
+        inference_seconds=prom.Histogram(
+            "fashion_serve_inference_seconds", "One ONNX Runtime call.", buckets=seconds
+        ),
+        batch_size=prom.Histogram(
+            "fashion_serve_batch_size",
+            "Images per ONNX Runtime call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        ),
+        errors=prom.Counter(
+            "fashion_serve_errors", "Failed requests by kind.", ["endpoint", "kind"]
+        ),
+    )
+
+
+def _json_sink(message: loguru.Message) -> None:
+    record = message.record
+    entry: dict[str, Any] = {
+        "time": record["time"].isoformat(),
+        "level": record["level"].name,
+        "logger": record["extra"].get("logger", record["name"]),
+        "message": record["message"],
+    }
+    entry.update((k, v) for k, v in record["extra"].items() if k != "logger")
+    if record["exception"] is not None:
+        entry["exception"] = repr(record["exception"].value)
+    sys.stderr.write(json.dumps(entry, default=str) + "\n")
+
+
+class _InterceptHandler(logging.Handler):
+    """Send stdlib log records (BentoML, uvicorn) to loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info).bind(logger=record.name).log(
+            level, record.getMessage()
+        )
+
+
+def configure_logging(level: str) -> None:
+    """One JSON line per log record on stderr, for loguru and stdlib logging alike.
+
+    Stdlib loggers keep BentoML's levels (root at WARNING, ``bentoml`` at ``level``), so uvicorn's
+    access log stays off.
+    """
+    logger.remove()
+    logger.add(_json_sink, level=level)
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("bentoml", "uvicorn", "circus")):
+            named = logging.getLogger(name)
+            named.handlers = []
+            named.propagate = True
+    logging.getLogger("bentoml").setLevel(level)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One part of a multipart body."""
+
+    name: str
+    filename: str | None
+    data: bytes
+
+
+def parse_multipart(body: bytes, content_type: str, field_name: str) -> list[Upload]:
+    """Split a ``multipart/form-data`` body into its parts (all in memory; the body is bounded).
+
+    Raises:
+        BadInputError: another media type (415) or a malformed body (400).
+    """
+    media_type, params = parse_options_header(content_type)
+    if media_type != b"multipart/form-data":
+        shown = media_type.decode("latin-1") or "no content type"
+        raise BadInputError(
+            415,
+            "unsupported_media_type",
+            f"send multipart/form-data with the image in file field '{field_name}' (got "
+            f"{shown}); JSON and urlencoded bodies are not accepted and URLs are never fetched",
+        )
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise BadInputError(
+            400, "malformed_multipart", "the multipart content type lacks a boundary"
+        )
+    parts: list[Upload] = []
+    state: dict[str, Any] = {"ended": False}
+
+    def on_part_begin() -> None:
+        state.update(headers={}, field=b"", value=b"", data=[])
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["field"].lower()] = state["value"]
+        state.update(field=b"", value=b"")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        state["data"].append(data[start:end])
+
+    def on_part_end() -> None:
+        _, disposition = parse_options_header(state["headers"].get(b"content-disposition"))
+        filename = disposition.get(b"filename")
+        parts.append(
+            Upload(
+                name=disposition.get(b"name", b"").decode("utf-8", "replace"),
+                filename=None if filename is None else filename.decode("utf-8", "replace"),
+                data=b"".join(state["data"]),
+            )
+        )
+
+    def on_end() -> None:
+        state["ended"] = True
+
+    callbacks: MultipartCallbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+        "on_end": on_end,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise BadInputError(
+            400, "malformed_multipart", f"the multipart body is malformed: {exc}"
+        ) from exc
+    if not state["ended"]:
+        raise BadInputError(
+            400, "malformed_multipart", "the multipart body ends before its last part"
+        )
+    return parts
+
+
+def select_files(
+    parts: Sequence[Upload], field_name: str, single: bool, max_images: int
+) -> list[Upload]:
+    """Keep the uploaded files of ``field_name``; refuse anything else.
+
+    Raises:
+        BadInputError: a text value where a file belongs (it is never fetched as a URL or read as a
+            path), an unexpected or missing field, or too many files.
+    """
+    for part in parts:
+        if part.name != field_name:
+            raise BadInputError(
+                400,
+                "unexpected_field",
+                f"unexpected form field '{part.name}'; upload image files in field '{field_name}'",
+            )
+        if part.filename is None:
+            raise BadInputError(
+                400,
+                "not_a_file",
+                f"form field '{field_name}' holds a text value, not an uploaded file; URLs and "
+                "server paths are never fetched, upload the image bytes instead",
+            )
+    if not parts:
+        raise BadInputError(400, "missing_field", f"no image file in form field '{field_name}'")
+    if single and len(parts) > 1:
+        raise BadInputError(
+            400,
+            "too_many_images",
+            f"/predict takes one file in field '{field_name}', got {len(parts)}; "
+            "use /batch_predict for several",
+        )
+    if len(parts) > max_images:
+        raise BadInputError(
+            413,
+            "too_many_images",
+            f"{len(parts)} images in one request; at most {max_images} are accepted",
+        )
+    return list(parts)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelRuntime:
+    """The ONNX model with its classes and preprocessing: bytes in, predictions out."""
+
+    def __init__(
+        self,
+        onnx_path: Path,
+        class_names: Sequence[str],
+        spec: PreprocessSpec,
+        settings: ServingSettings,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.onnx_intra_op_threads
+        options.inter_op_num_threads = settings.onnx_inter_op_threads
+        self.session = ort.InferenceSession(
+            str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.class_names = list(class_names)
+        self.spec = spec
+        self.limits = settings.limits
+        self.metrics = service_metrics()
+        # The first run allocates; do it before the first request.
+        self.session.run([OUTPUT_NAME], {INPUT_NAME: self.blank(1)})
+
+    @classmethod
+    def from_bento_model(cls, model: bentoml.Model, settings: ServingSettings) -> ModelRuntime:
+        """Load a model that :func:`train.export.import_to_bento` stored."""
+        metadata = model.info.metadata
+        return cls(
+            Path(model.path_of(ONNX_FILE)),
+            [str(name) for name in cast(list[Any], metadata["class_names"])],
+            PreprocessSpec.model_validate(metadata["preprocess"]),
+            settings,
+        )
+
+    def blank(self, count: int) -> NDArray[np.float32]:
+        """``count`` black images in model-input form."""
+        side = self.spec.image_size
+        return np.zeros((count, self.spec.channels, side, side), dtype=np.float32)
+
+    def prepare(self, files: Sequence[Upload], field_name: str) -> NDArray[np.float32]:
+        """Decode and convert uploaded files into one model-input array.
+
+        Raises:
+            BadInputError: a file that is empty, not an accepted image, truncated or too large.
+        """
+
+        def where(index: int, upload: Upload) -> str:
+            return f"{field_name}[{index}]" + (f" ({upload.filename})" if upload.filename else "")
+
+        arrays = []
+        for index, upload in enumerate(files):
+            started = time.perf_counter()
+            try:
+                image = decode_image(upload.data, self.limits.max_pixels, self.limits.draft_size)
+            except ImageDecodeError as exc:
+                raise BadInputError(
+                    _DECODE_STATUS.get(exc.kind, 422), exc.kind, f"{where(index, upload)}: {exc}"
+                ) from exc
+            decoded = time.perf_counter()
+            try:
+                arrays.append(prepare_image(image, self.spec))
+            except Exception as exc:
+                raise BadInputError(
+                    422,
+                    "unconvertible",
+                    f"{where(index, upload)}: cannot convert {image.mode} image: {exc}",
+                ) from exc
+            self.metrics.decode_seconds.observe(decoded - started)
+            self.metrics.preprocess_seconds.observe(time.perf_counter() - decoded)
+        return to_model_input(arrays)
+
+    def predict(self, pixels: NDArray[np.float32]) -> list[Prediction]:
+        """Run the model on ``float32 [N, C, H, W]`` pixels and describe each result."""
+        started = time.perf_counter()
+        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})
+        self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(pixels))
+        probabilities = softmax(np.asarray(logits, dtype=np.float32))
+        class_ids = probabilities.argmax(axis=1)
+        names = self.class_names
+        predictions = []
+        for row, class_id in zip(probabilities.tolist(), class_ids.tolist(), strict=True):
+            predictions.append(
+                Prediction(
+                    label=names[class_id],
+                    class_id=class_id,
+                    confidence=row[class_id],
+                    scores=dict(zip(names, row, strict=True)),
+                )
+            )
+            self.metrics.predictions.labels(label=names[class_id]).inc()
+            self.metrics.confidence.observe(row[class_id])
+        return predictions
+
+
+# --------------------------------------------------------------------------- HTTP edge
+
+_ROUTES = {"/predict": ("image", True), "/batch_predict": ("images", False)}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+async def read_body(receive: Receive, headers: Mapping[bytes, bytes], limit: int) -> bytes:
+    """Read the whole request body, refusing it as soon as it passes ``limit`` bytes.
+
+    Raises:
+        BadInputError: the declared or actual size is over the limit (413), or a bad length (400).
+    """
+    too_large = BadInputError(
+        413, "upload_too_large", f"the request body is over the limit of {limit} bytes"
+    )
+    declared = headers.get(b"content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadInputError(
+                400, "bad_content_length", "the Content-Length header is not a number"
+            )
+        if int(declared) > limit:
+            raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise BadInputError(
+                400, "incomplete_body", "the client went away before the body ended"
+            )
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class UploadGate:
+    """ASGI middleware owning ``/predict`` and ``/batch_predict`` request parsing and logging."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Parse and validate the upload, then hand the pixels to BentoML's endpoint."""
+        route = _ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        endpoint = scope["path"]
+        headers = dict(scope["headers"])
+        incoming_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming_id if _REQUEST_ID.match(incoming_id) else uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        runtime: ModelRuntime = bentoml.get_current_service().runtime
+        field_name, single = route
+        exchange: Exchange | None = None
+        error: BadInputError | None = None
+        try:
+            body = await read_body(receive, headers, runtime.limits.max_upload_bytes)
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            parts = parse_multipart(body, content_type, field_name)
+            files = select_files(parts, field_name, single, runtime.limits.max_images_per_batch)
+            if len(body) <= runtime.limits.inline_decode_max_bytes:
+                pixels = runtime.prepare(files, field_name)
+            else:
+                pixels = await anyio.to_thread.run_sync(runtime.prepare, files, field_name)
+            exchange = Exchange(request_id, endpoint, pixels)
+        except BadInputError as exc:
+            error = exc
+            body_json = ErrorBody(error=str(exc), kind=exc.kind).model_dump_json().encode()
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": exc.status,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body_json)).encode()),
+                    ],
+                }
+            )
+            await send_with_id({"type": "http.response.body", "body": body_json})
+        if exchange is not None:
+            token = _EXCHANGE.set(exchange)
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                _EXCHANGE.reset(token)
+        kind = error.kind if error else (f"http_{status}" if status >= 400 else None)
+        if kind is not None:
+            runtime.metrics.errors.labels(endpoint=endpoint, kind=kind).inc()
+        predictions = exchange.predictions if exchange else []
+        logger.bind(
+            logger="fashion_serve.request",
+            request_id=request_id,
+            endpoint=endpoint,
+            status=status,
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            images=0 if exchange is None else len(exchange.pixels),
+            labels=[p.label for p in predictions],
+            confidences=[round(p.confidence, 4) for p in predictions],
+            error_kind=kind,
+        ).info("{} {} {}", endpoint, status, error or "ok")
+
+
+# --------------------------------------------------------------------------- service
+
+
+@bentoml.service(
+    workers=SETTINGS.workers,
+    threads=SETTINGS.threads,
+    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    logging={"access": {"enabled": SETTINGS.access_log}},
+    tracing={"excluded_urls": SETTINGS.tracing_excluded_urls},
+)
+class Classifier:
+    """Image classifier: the imported champion on ONNX Runtime."""
+
+    model_ref = bentoml.models.BentoModel(SETTINGS.model_tag)
+
+    def __init__(self) -> None:
+        configure_logging(SETTINGS.log_level)
+        stored = cast(bentoml.Model, self.model_ref)
+        self.runtime = ModelRuntime.from_bento_model(stored, SETTINGS)
+        logger.bind(logger="fashion_serve", model=str(stored.tag)).info(
+            "serving {} ({} classes)", stored.tag, len(self.runtime.class_names)
+        )
+
+    @bentoml.api(  # type: ignore[untyped-decorator]
+        batchable=True,
+        max_batch_size=SETTINGS.predict.max_batch_size,
+        max_latency_ms=SETTINGS.predict.max_latency_ms,
+        input_spec=PredictInput,
+        output_spec=PredictOutput,
+    )
+    def predict(self, image: NDArray[np.float32]) -> list[Prediction]:
+        """Classify one image (multipart file field ``image``); concurrent calls are batched."""
+        return self.runtime.predict(image)
+
+    @bentoml.api(  # type: ignore[untyped-decorator]
+        batchable=True,
+        max_batch_size=SETTINGS.batch_predict.max_batch_size,
+        max_latency_ms=SETTINGS.batch_predict.max_latency_ms,
+        input_spec=BatchPredictInput,
+        output_spec=BatchPredictOutput,
+    )
+    def batch_predict(self, images: NDArray[np.float32]) -> list[Prediction]:
+        """Classify several images (repeated multipart file field ``images``), in order."""
+        return self.runtime.predict(images)
+
+
+# The decorator made Classifier a bentoml.Service, which mypy cannot see.
+Classifier.add_asgi_middleware(UploadGate)  # type: ignore[attr-defined]

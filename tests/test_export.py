@@ -1,0 +1,239 @@
+"""Import into BentoML: ONNX export, parity, lineage, idempotence and refusal on a parity failure."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import mlflow
+import numpy as np
+import pytest
+import torch
+from bentoml._internal.models.model import ModelStore
+from mlflow.tracking import MlflowClient
+from numpy.typing import NDArray
+from torch import nn
+
+from tests.conftest import MakeSettings
+from train import export, tracking
+from train.config import ExportConfig, ModelConfig
+from train.export import (
+    ExportError,
+    check_parity,
+    export_onnx,
+    import_champion,
+    import_to_bento,
+    onnx_logits,
+    parity_input,
+)
+from train.models import build_model
+from train.preprocess import PreprocessSpec, to_model_input
+
+CLASSES = ["shirt", "shoe", "bag"]
+SPEC = PreprocessSpec()
+LINEAGE: dict[str, Any] = {
+    "registered_name": "fashion-classifier",
+    "version": "7",
+    "run_id": "abc123",
+    "metrics": {"val_accuracy": 0.91},
+    "git_commit": "deadbeef",
+}
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    """A 3-class ``resnet_small`` of width 4 with random weights."""
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(name="resnet_small", width=4), SPEC, num_classes=len(CLASSES))
+
+
+def pixel_batch(count: int = 8, seed: int = 0) -> NDArray[np.float32]:
+    rng = np.random.default_rng(seed)
+    return to_model_input(list(rng.integers(0, 256, size=(count, 28, 28, 1), dtype=np.uint8)))
+
+
+def stored_models(home: Path) -> list[bentoml.Model]:
+    store = ModelStore(str(home / "models"))
+    try:
+        return list(store.list("fashion-classifier"))
+    except bentoml.exceptions.NotFound:
+        return []
+
+
+def metadata_of(stored: bentoml.Model) -> dict[str, Any]:
+    return dict(stored.info.metadata)
+
+
+def test_export_has_a_dynamic_batch_and_matches_torch(tmp_path: Path) -> None:
+    model = tiny_model()
+    path = export_onnx(model, SPEC, tmp_path / "m.onnx", opset=17)
+    for count in (1, 5):
+        batch = pixel_batch(count)
+        logits = onnx_logits(path, batch)
+        assert logits.shape == (count, len(CLASSES))
+    assert check_parity(model, path, pixel_batch(8), atol=1e-4) <= 1e-4
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_export_failure_is_an_export_error(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="ONNX export"):
+        export_onnx(tiny_model(), SPEC, tmp_path / "m.onnx", opset=1)
+
+
+def test_parity_names_the_difference(tmp_path: Path) -> None:
+    model = tiny_model()
+    path = export_onnx(model, SPEC, tmp_path / "m.onnx", opset=17)
+    with pytest.raises(ExportError, match=r"differ by up to .*allowed"):
+        check_parity(tiny_model(seed=1), path, pixel_batch(), atol=1e-4)
+
+
+def test_parity_refuses_another_shape_or_nan(tmp_path: Path) -> None:
+    model = tiny_model()
+    path = export_onnx(model, SPEC, tmp_path / "m.onnx", opset=17)
+    other = build_model(ModelConfig(name="resnet_small", width=4), SPEC, num_classes=4)
+    with pytest.raises(ExportError, match="shape"):
+        check_parity(other, path, pixel_batch(), atol=1e-4)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    with pytest.raises(ExportError, match="not finite"):
+        check_parity(broken, path, pixel_batch(), atol=1e-4)
+
+
+def test_import_stores_onnx_metadata_and_lineage(tmp_path: Path) -> None:
+    cfg = ExportConfig(bentoml_home=tmp_path)
+    tag = import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
+    (stored,) = stored_models(tmp_path)
+    assert stored.tag == tag
+    assert Path(stored.path_of(export.ONNX_FILE)).is_file()
+    assert stored.info.labels == {
+        "registered_model": "fashion-classifier",
+        "registered_version": "7",
+        "run_id": "abc123",
+        "git_commit": "deadbeef",
+    }
+    metadata = metadata_of(stored)
+    assert metadata["class_names"] == CLASSES
+    assert PreprocessSpec.model_validate(metadata["preprocess"]) == SPEC
+    assert metadata["lineage"]["metrics"] == {"val_accuracy": 0.91}
+    assert metadata["onnx"]["parity_max_abs_diff"] <= 1e-4
+    served = onnx_logits(Path(stored.path_of(export.ONNX_FILE)), pixel_batch())
+    assert served.shape == (8, len(CLASSES))
+
+
+def test_importing_the_same_version_twice_keeps_one_model(tmp_path: Path) -> None:
+    cfg = ExportConfig(bentoml_home=tmp_path)
+    first = import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
+    again = import_to_bento(tiny_model(seed=3), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
+    assert again == first
+    assert len(stored_models(tmp_path)) == 1
+    newer = import_to_bento(
+        tiny_model(), CLASSES, SPEC, {**LINEAGE, "version": "8"}, pixel_batch(), cfg
+    )
+    assert newer != first
+    assert len(stored_models(tmp_path)) == 2
+
+
+def test_parity_failure_stores_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_export: Callable[..., Path] = export.export_onnx
+
+    def export_other_weights(
+        model: nn.Module, spec: PreprocessSpec, path: Path, opset: int
+    ) -> Path:
+        return real_export(tiny_model(seed=5), spec, path, opset)
+
+    monkeypatch.setattr(export, "export_onnx", export_other_weights)
+    cfg = ExportConfig(bentoml_home=tmp_path)
+    with pytest.raises(ExportError, match="nothing was imported"):
+        import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
+    assert stored_models(tmp_path) == []
+
+
+def test_import_needs_a_registered_name_and_version(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="lineage lacks version"):
+        import_to_bento(
+            tiny_model(),
+            CLASSES,
+            SPEC,
+            {"registered_name": "x"},
+            pixel_batch(),
+            ExportConfig(bentoml_home=tmp_path),
+        )
+
+
+def test_default_store_is_bentomls_own(tmp_path: Path) -> None:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    own = ModelStore(str(tmp_path))
+    with BentoMLContainer.model_store.patch(own):
+        assert export.model_store(ExportConfig()) is own
+
+
+def test_parity_input_prefers_test_images(make_settings: MakeSettings) -> None:
+    settings = make_settings("export.parity_batch=12")
+    batch = parity_input(settings, SPEC, num_classes=10)
+    assert batch.shape == (12, 1, 28, 28)
+    assert batch.dtype == np.float32
+    # The conftest data set lights one bright block per class; random pixels would not.
+    assert (batch > 200).mean() < 0.2
+
+
+def test_parity_input_falls_back_to_seeded_random(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    missing = make_settings(f'data.path="{tmp_path / "nowhere"}"', "export.parity_batch=4")
+    first, second = parity_input(missing, SPEC, 10), parity_input(missing, SPEC, 10)
+    assert first.shape == (4, 1, 28, 28)
+    np.testing.assert_array_equal(first, second)
+    wrong_size = parity_input(
+        make_settings("export.parity_batch=4"), SPEC.model_copy(update={"image_size": 32}), 10
+    )
+    assert wrong_size.shape == (4, 1, 32, 32)
+
+
+def test_git_commit_or_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    commit = export.git_commit()
+    assert commit == "unknown" or len(commit) == 40
+
+    def no_git(*args: Any, **kwargs: Any) -> None:
+        raise OSError("git not found")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert export.git_commit() == "unknown"
+
+
+def test_import_champion_from_the_registry(make_settings: MakeSettings, tmp_path: Path) -> None:
+    settings = make_settings(f'export.bentoml_home="{tmp_path / "bento"}"', "export.parity_batch=8")
+    experiment = tracking.connect(settings.tracking)
+    model = tiny_model()
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.log_metric("val_accuracy", 0.93)
+        uri = tracking.log_model(model, CLASSES, SPEC, pixel_batch(2), torch.__version__)
+    name = settings.tracking.registered_model_name
+    version = mlflow.register_model(uri, name).version
+    MlflowClient().set_registered_model_alias(name, settings.registry.champion_alias, version)
+
+    tag = import_champion(settings)
+    (stored,) = stored_models(tmp_path / "bento")
+    assert stored.tag == tag
+    lineage = metadata_of(stored)["lineage"]
+    assert lineage["registered_name"] == name
+    assert lineage["version"] == str(version)
+    assert lineage["run_id"] == run.info.run_id
+    assert lineage["metrics"] == {"val_accuracy": 0.93}
+    assert lineage["git_commit"]
+    assert metadata_of(stored)["class_names"] == CLASSES
+
+    assert import_champion(settings) == tag
+    assert import_champion(settings, f"models:/{name}/{version}") == tag
+    assert len(stored_models(tmp_path / "bento")) == 1
+
+    with pytest.raises(ExportError, match="not a registered model"):
+        import_champion(settings, f"runs:/{run.info.run_id}/model")
+    with pytest.raises(ExportError, match="cannot resolve"):
+        import_champion(settings, f"models:/{name}@nobody")
+    with pytest.raises(ExportError, match="cannot load"):
+        import_champion(settings, f"models:/{name}/99")

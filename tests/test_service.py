@@ -1,0 +1,718 @@
+"""The BentoML service: direct calls, the app in-process, and a real ``bentoml serve`` process.
+
+One tiny model (``resnet_small``, width 4, random weights, 3 classes) is imported into a BentoML
+store under a temporary folder. The in-process app and the served process both see test limits
+(small uploads, pixels and batches) so that every bad-input class is cheap to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import httpx
+import numpy as np
+import pytest
+import torch
+from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.models.model import ModelStore
+from bentoml.exceptions import InvalidArgument
+from loguru import logger
+from numpy.typing import NDArray
+from PIL import Image
+from starlette.testclient import TestClient
+
+import service
+from train.config import ExportConfig, ModelConfig
+from train.export import import_to_bento
+from train.models import build_model
+from train.preprocess import PreprocessSpec, prepare_image, softmax, to_model_input
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ["shirt", "shoe", "bag"]
+SPEC = PreprocessSpec()
+LIMITS = {
+    "max_upload_bytes": 200_000,
+    "max_pixels": 1_000_000,
+    "max_images_per_batch": 4,
+    "inline_decode_max_bytes": 2_000,
+}
+READY_TIMEOUT_S = 120.0
+#: The bentoml.Service that ``@bentoml.service`` made of the class (mypy sees the plain class).
+CLASSIFIER: Any = service.Classifier
+
+
+# --------------------------------------------------------------------------- images
+
+
+def image_bytes(
+    size: tuple[int, int] = (28, 28), mode: str = "L", fmt: str = "PNG", seed: int = 0
+) -> bytes:
+    """A noise image of ``size`` (width, height) encoded as ``fmt``."""
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def bomb_png() -> bytes:
+    """A 1200x1000 black PNG: a few kB that decode to more pixels than the test limit."""
+    buffer = io.BytesIO()
+    Image.new("L", (1200, 1000)).save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+PNG = image_bytes()
+JPEG = image_bytes((64, 48), "RGB", "JPEG", seed=1)
+
+
+def expected_scores(model: torch.nn.Module, images: list[bytes]) -> NDArray[np.float32]:
+    """Softmax of the torch model on the same preprocessing, for comparison."""
+    arrays = [prepare_image(Image.open(io.BytesIO(data)), SPEC) for data in images]
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(to_model_input(arrays))).numpy()
+    return softmax(logits)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name="resnet_small", width=4), SPEC, num_classes=3).eval()
+
+
+@pytest.fixture(scope="module")
+def bento_home(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: torch.nn.Module
+) -> Iterator[Path]:
+    """A BentoML home holding the tiny model, made BentoML's store for this module."""
+    home = tmp_path_factory.mktemp("bentoml")
+    rng = np.random.default_rng(0)
+    parity = to_model_input(list(rng.integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)))
+    lineage = {"registered_name": "fashion-classifier", "version": "1", "run_id": "r1"}
+    import_to_bento(tiny_model, CLASSES, SPEC, lineage, parity, ExportConfig(bentoml_home=home))
+    with BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))):
+        yield home
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_logging() -> Iterator[None]:
+    """The service reconfigures logging for the process; put it back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logger.remove()
+    logger.add(sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def svc(bento_home: Path) -> Any:
+    """A service instance, as BentoML creates one in a worker."""
+    return CLASSIFIER()
+
+
+@pytest.fixture(scope="module")
+def inprocess(bento_home: Path) -> Iterator[Any]:
+    """The whole BentoML app (middlewares, batching) in this process, with the test limits."""
+    with TestClient(CLASSIFIER.to_asgi()) as client:
+        runtime: service.ModelRuntime = bentoml.get_current_service().runtime
+        runtime.limits = runtime.limits.model_copy(update=LIMITS)
+        yield client
+
+
+@dataclass
+class Served:
+    """A running ``bentoml serve`` process."""
+
+    url: str
+    log: Path
+    process: subprocess.Popen[bytes]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def served(bento_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """``bentoml serve service:Classifier`` on a free port, one worker, test limits."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("served") / "server.log"
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(bento_home),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "FASHION_SERVE_SERVING__WORKERS": "1",
+        **{f"FASHION_SERVE_SERVING__LIMITS__{k.upper()}": str(v) for k, v in LIMITS.items()},
+    }
+    bentoml_cli = Path(sys.executable).parent / "bentoml"
+    command = [str(bentoml_cli), "serve", "service:Classifier", "--host", "127.0.0.1"]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"bentoml serve not ready in {READY_TIMEOUT_S}s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield Served(url, log, process)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def http(served: Served) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served.url, timeout=30) as client:
+        yield client
+
+
+class Listener:
+    """A loopback TCP listener that records every connection it gets (it must get none)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.settimeout(0.1)
+        self.port: int = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            connection.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def listener() -> Iterator[Listener]:
+    server = Listener()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["inprocess", "served"])
+def client(request: pytest.FixtureRequest) -> Any:
+    """Each HTTP test runs against the in-process app and the served process."""
+    return request.getfixturevalue("inprocess" if request.param == "inprocess" else "http")
+
+
+# --------------------------------------------------------------------------- bad input
+
+BOUNDARY = "testboundary"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+@dataclass(frozen=True)
+class BadCase:
+    """A client mistake and the answer it must get."""
+
+    name: str
+    endpoint: str
+    request: Callable[[Listener], dict[str, Any]]
+    status: int
+    kind: str
+
+
+def one(
+    field: str, data: bytes, filename: str = "x.png", ctype: str = "image/png"
+) -> dict[str, Any]:
+    return {"files": [(field, (filename, data, ctype))]}
+
+
+BAD_CASES = [
+    BadCase("empty file", "/predict", lambda _: one("image", b""), 400, "empty"),
+    BadCase(
+        "random bytes",
+        "/predict",
+        lambda _: one("image", np.random.default_rng(0).bytes(2048)),
+        415,
+        "not_an_image",
+    ),
+    BadCase(
+        "truncated png",
+        "/predict",
+        lambda _: one("image", image_bytes((64, 64))[:2500]),
+        422,
+        "corrupt",
+    ),
+    BadCase(
+        "unsupported format",
+        "/predict",
+        lambda _: one("image", image_bytes(fmt="PPM"), "x.ppm"),
+        415,
+        "unsupported_format",
+    ),
+    BadCase("wrong field name", "/predict", lambda _: one("file", PNG), 400, "unexpected_field"),
+    BadCase(
+        "batch field on predict", "/predict", lambda _: one("images", PNG), 400, "unexpected_field"
+    ),
+    BadCase(
+        "missing field",
+        "/predict",
+        lambda _: {
+            "content": f"--{BOUNDARY}--\r\n".encode(),
+            "headers": {"content-type": MULTIPART},
+        },
+        400,
+        "missing_field",
+    ),
+    BadCase(
+        "json body",
+        "/predict",
+        lambda lst: {"json": {"image": f"http://127.0.0.1:{lst.port}/x.png"}},
+        415,
+        "unsupported_media_type",
+    ),
+    BadCase(
+        "urlencoded body",
+        "/batch_predict",
+        lambda _: {"data": {"images": "/etc/passwd"}},
+        415,
+        "unsupported_media_type",
+    ),
+    BadCase(
+        "url in a multipart text field",
+        "/predict",
+        lambda lst: {
+            "content": (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"\r\n\r\n'
+                f"http://127.0.0.1:{lst.port}/x.png\r\n--{BOUNDARY}--\r\n"
+            ).encode(),
+            "headers": {"content-type": MULTIPART},
+        },
+        400,
+        "not_a_file",
+    ),
+    BadCase(
+        "server path in a multipart text field",
+        "/batch_predict",
+        lambda _: {
+            "content": (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"\r\n\r\n'
+                f"/etc/passwd\r\n--{BOUNDARY}--\r\n"
+            ).encode(),
+            "headers": {"content-type": MULTIPART},
+        },
+        400,
+        "not_a_file",
+    ),
+    BadCase(
+        "multipart without boundary",
+        "/predict",
+        lambda _: {"content": b"x", "headers": {"content-type": "multipart/form-data"}},
+        400,
+        "malformed_multipart",
+    ),
+    BadCase(
+        "unterminated multipart",
+        "/predict",
+        lambda _: {
+            "content": (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; '
+                'filename="x.png"\r\n\r\n'
+            ).encode()
+            + PNG,
+            "headers": {"content-type": MULTIPART},
+        },
+        400,
+        "malformed_multipart",
+    ),
+    BadCase(
+        "garbage multipart",
+        "/predict",
+        lambda _: {"content": b"not a multipart body", "headers": {"content-type": MULTIPART}},
+        400,
+        "malformed_multipart",
+    ),
+    BadCase(
+        "two images on predict",
+        "/predict",
+        lambda _: {"files": [("image", ("a.png", PNG, "image/png"))] * 2},
+        400,
+        "too_many_images",
+    ),
+    BadCase(
+        "too many images",
+        "/batch_predict",
+        lambda _: {"files": [("images", ("a.png", PNG, "image/png"))] * 5},
+        413,
+        "too_many_images",
+    ),
+    BadCase(
+        "too large upload",
+        "/batch_predict",
+        lambda _: one("images", bytes(250_000)),
+        413,
+        "upload_too_large",
+    ),
+    BadCase(
+        "decompression bomb", "/predict", lambda _: one("image", bomb_png()), 413, "too_many_pixels"
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES, ids=[c.name for c in BAD_CASES])
+def test_bad_input_is_a_4xx_naming_the_problem(
+    client: Any, listener: Listener, case: BadCase
+) -> None:
+    request = {k: v for k, v in case.request(listener).items() if v is not None}
+    response = client.post(case.endpoint, **request)
+    assert response.status_code == case.status, response.text
+    body = response.json()
+    assert body["kind"] == case.kind
+    assert isinstance(body["error"], str) and body["error"]
+    assert listener.connections == 0
+    # ... and the server keeps serving.
+    assert client.post("/predict", **one("image", PNG)).status_code == 200
+
+
+def test_get_on_an_api_route_is_not_parsed(client: Any) -> None:
+    assert client.get("/predict").status_code == 405
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def test_predict_trusts_the_bytes_not_the_name(client: Any, tiny_model: torch.nn.Module) -> None:
+    response = client.post("/predict", **one("image", PNG, "photo.jpg", "image/jpeg"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"label", "class_id", "confidence", "scores"}
+    expected = expected_scores(tiny_model, [PNG])[0]
+    assert body["class_id"] == int(expected.argmax())
+    assert body["label"] == CLASSES[body["class_id"]]
+    assert body["confidence"] == pytest.approx(float(expected.max()), abs=1e-5)
+    assert list(body["scores"]) == CLASSES
+    assert sum(body["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_batch_predict_answers_in_request_order(client: Any, tiny_model: torch.nn.Module) -> None:
+    images = [image_bytes(seed=s) for s in range(3)] + [JPEG]
+    files = [
+        ("images", (f"{i}.img", data, "application/octet-stream")) for i, data in enumerate(images)
+    ]
+    response = client.post("/batch_predict", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = expected_scores(tiny_model, images)
+    assert [p["class_id"] for p in body] == expected.argmax(axis=1).tolist()
+    for prediction, scores in zip(body, expected, strict=True):
+        assert list(prediction["scores"].values()) == pytest.approx(scores.tolist(), abs=1e-5)
+
+
+def test_request_id_is_echoed(client: Any) -> None:
+    response = client.post("/predict", headers={"x-request-id": "abc-123"}, **one("image", PNG))
+    assert response.headers["x-request-id"] == "abc-123"
+    generated = client.post("/predict", headers={"x-request-id": "no spaces!"}, **one("image", PNG))
+    assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["x-request-id"])
+
+
+# --------------------------------------------------------------------------- served process only
+
+
+def test_health_docs_and_metrics(http: httpx.Client) -> None:
+    assert http.get("/livez").status_code == 200
+    assert http.get("/readyz").status_code == 200
+    spec = http.get("/docs.json").json()
+    predict = spec["paths"]["/predict"]["post"]
+    assert "multipart/form-data" in predict["requestBody"]["content"]
+    single = predict["responses"]["200"]["content"]["application/json"]["schema"]
+    assert set(single["properties"]) == {"label", "class_id", "confidence", "scores"}
+    batch = spec["paths"]["/batch_predict"]["post"]["responses"]["200"]["content"]
+    assert batch["application/json"]["schema"]["items"]["$ref"].endswith("/Prediction")
+    assert set(spec["components"]["schemas"]["Prediction"]["properties"]) == set(
+        single["properties"]
+    )
+
+    http.post("/predict", **one("image", PNG))
+    http.post("/predict", **one("image", b""))
+    metrics = http.get("/metrics").text
+    for name in (
+        "fashion_serve_predictions_total",
+        "fashion_serve_confidence_bucket",
+        "fashion_serve_decode_seconds_count",
+        "fashion_serve_preprocess_seconds_count",
+        "fashion_serve_inference_seconds_count",
+        "fashion_serve_batch_size_bucket",
+    ):
+        assert name in metrics
+    assert re.search(
+        r'fashion_serve_errors_total\{endpoint="/predict",kind="empty"\} [1-9]', metrics
+    )
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """Sum of the samples of ``name`` whose label set contains ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and labels in line:
+            sample, _, value = line.rpartition(" ")
+            if sample.split("{")[0] == name:
+                total += float(value)
+    return total
+
+
+def test_concurrent_predicts_are_batched_without_503(served: Served, http: httpx.Client) -> None:
+    before = http.get("/metrics").text
+    requests = 64
+
+    async def burst() -> list[int]:
+        limits = httpx.Limits(max_connections=requests)
+        async with httpx.AsyncClient(base_url=served.url, timeout=60, limits=limits) as session:
+            responses = await asyncio.gather(
+                *(session.post("/predict", **one("image", PNG)) for _ in range(requests))
+            )
+        return [r.status_code for r in responses]
+
+    statuses = asyncio.run(burst())
+    assert statuses == [200] * requests
+    after = http.get("/metrics").text
+    images = metric(after, "fashion_serve_batch_size_sum") - metric(
+        before, "fashion_serve_batch_size_sum"
+    )
+    batches = metric(after, "fashion_serve_batch_size_count") - metric(
+        before, "fashion_serve_batch_size_count"
+    )
+    singles = metric(after, "fashion_serve_batch_size_bucket", 'le="1.0"') - metric(
+        before, "fashion_serve_batch_size_bucket", 'le="1.0"'
+    )
+    assert images == requests
+    assert batches < requests, "no /predict requests were batched together"
+    assert batches - singles >= 1
+    bentoml_batches = 'method_name="predict"'
+    assert metric(after, "bentoml_service_adaptive_batch_size_sum", bentoml_batches) > metric(
+        after, "bentoml_service_adaptive_batch_size_count", bentoml_batches
+    )
+
+
+def test_json_request_log_without_image_bytes(served: Served, http: httpx.Client) -> None:
+    http.post("/predict", headers={"x-request-id": "log-check-1"}, **one("image", PNG))
+    http.post("/predict", headers={"x-request-id": "log-check-2"}, **one("image", b"\x89PNG junk"))
+    deadline = time.monotonic() + 10
+    entries: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline and len(entries) < 2:
+        for line in served.log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and "log-check-" in line:
+                entry = json.loads(line)
+                entries[entry["request_id"]] = entry
+        time.sleep(0.2)
+    ok, bad = entries["log-check-1"], entries["log-check-2"]
+    assert ok["logger"] == "fashion_serve.request"
+    assert ok["endpoint"] == "/predict" and ok["status"] == 200 and ok["images"] == 1
+    assert ok["labels"][0] in CLASSES and 0 < ok["confidences"][0] <= 1
+    assert ok["latency_ms"] > 0 and ok["error_kind"] is None
+    assert bad["status"] == 415 and bad["error_kind"] == "not_an_image"
+    assert "IHDR" not in served.log.read_text(errors="replace")
+
+
+def test_bentoml_clients(served: Served, tmp_path: Path) -> None:
+    image = tmp_path / "shirt.png"
+    image.write_bytes(PNG)
+    with bentoml.SyncHTTPClient(served.url) as sync_client:
+        single = sync_client.predict(image=image)
+        several = sync_client.batch_predict(images=[image, image])
+    assert single["label"] in CLASSES
+    assert [p["label"] for p in several] == [single["label"]] * 2
+
+    async def call() -> Any:
+        async with bentoml.AsyncHTTPClient(served.url) as async_client:
+            return await async_client.predict(image=image)
+
+    assert asyncio.run(call()) == single
+
+
+# --------------------------------------------------------------------------- direct calls
+
+
+def test_service_methods_directly(svc: Any, tiny_model: torch.nn.Module) -> None:
+    images = [PNG, JPEG, image_bytes((40, 30), "RGBA", seed=2)]
+    files = [service.Upload("images", f"{i}", data) for i, data in enumerate(images)]
+    pixels = svc.runtime.prepare(files, "images")
+    assert pixels.shape == (3, 1, 28, 28)
+    batch = svc.batch_predict(pixels)
+    single = svc.predict(pixels[:1])
+    assert [p.class_id for p in batch] == expected_scores(tiny_model, images).argmax(
+        axis=1
+    ).tolist()
+    assert single == batch[:1]
+    assert all(isinstance(p, service.Prediction) for p in batch)
+    assert svc.runtime.class_names == CLASSES
+
+
+def test_prepare_names_the_file(svc: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(service.BadInputError, match=r"images\[1\] \(b.png\)") as caught:
+        svc.runtime.prepare(
+            [service.Upload("images", "a.png", PNG), service.Upload("images", "b.png", b"xx")],
+            "images",
+        )
+    assert caught.value.status == 415
+
+    def cannot_convert(*args: Any) -> None:
+        raise ValueError("odd mode")
+
+    monkeypatch.setattr(service, "prepare_image", cannot_convert)
+    with pytest.raises(service.BadInputError, match="cannot convert") as caught:
+        svc.runtime.prepare([service.Upload("image", None, PNG)], "image")
+    assert (caught.value.status, caught.value.kind) == (422, "unconvertible")
+
+
+def test_input_spec_needs_the_gate() -> None:
+    with pytest.raises(InvalidArgument):
+        asyncio.run(service.PredictInput.from_http_request(None, None))
+
+
+def test_read_body_limits() -> None:
+    def receiver(*messages: dict[str, Any]) -> Callable[[], Any]:
+        queue = list(messages)
+
+        async def receive() -> dict[str, Any]:
+            return queue.pop(0)
+
+        return receive
+
+    chunk = {"type": "http.request", "body": b"12345", "more_body": True}
+    last = {"type": "http.request", "body": b"6", "more_body": False}
+    assert asyncio.run(service.read_body(receiver(chunk, last), {}, 6)) == b"123456"
+    cases = [
+        (receiver(chunk, chunk), {}, "upload_too_large"),
+        (receiver(), {b"content-length": b"99"}, "upload_too_large"),
+        (receiver(), {b"content-length": b"-1"}, "bad_content_length"),
+        (receiver({"type": "http.disconnect"}), {}, "incomplete_body"),
+    ]
+    for receive, headers, kind in cases:
+        with pytest.raises(service.BadInputError) as caught:
+            asyncio.run(service.read_body(receive, headers, 6))
+        assert caught.value.kind == kind
+
+
+def test_multipart_parts_keep_names_and_filenames() -> None:
+    body = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n'
+        f"Content-Type: image/png\r\n\r\nAAA\r\n"
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename=""\r\n\r\n'
+        f"\r\n--{BOUNDARY}--\r\n"
+    ).encode()
+    parts = service.parse_multipart(body, MULTIPART, "images")
+    assert parts == [
+        service.Upload("images", "a.png", b"AAA"),
+        service.Upload("images", "", b""),
+    ]
+    assert service.select_files(parts, "images", single=False, max_images=2) == parts
+
+
+# --------------------------------------------------------------------------- settings and logs
+
+
+def test_settings_file_and_env_overrides(tmp_path: Path) -> None:
+    default = service.load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
+    assert default.model_tag == "fashion-classifier:latest"
+    env = {
+        "FASHION_SERVE_SERVING__PREDICT__MAX_BATCH_SIZE": "8",
+        "FASHION_SERVE_SERVING__MODEL_TAG": "other:v1",
+        "UNRELATED": "x",
+    }
+    custom = service.load_serving_settings(ROOT / "configs" / "serving.yaml", environ=env)
+    assert (custom.predict.max_batch_size, custom.model_tag) == (8, "other:v1")
+    assert custom.batch_predict == default.batch_predict
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("a: [")
+    not_mapping = tmp_path / "list.yaml"
+    not_mapping.write_text("- 1")
+    problems: list[tuple[Path, dict[str, str], str]] = [
+        (tmp_path / "missing.yaml", {}, "cannot read"),
+        (bad_yaml, {}, "cannot read"),
+        (not_mapping, {}, "must hold a mapping"),
+        (ROOT / "configs" / "serving.yaml", {"FASHION_SERVE_SERVING__WORKERS": "0"}, "workers"),
+        (ROOT / "configs" / "serving.yaml", {"FASHION_SERVE_SERVING__NOPE": "1"}, "nope"),
+        (
+            ROOT / "configs" / "serving.yaml",
+            {"FASHION_SERVE_SERVING__WORKERS__X": "1"},
+            "not a section",
+        ),
+        (ROOT / "configs" / "serving.yaml", {"FASHION_SERVE_SERVING__WORKERS": "[1"}, "YAML"),
+    ]
+    for path, environ, message in problems:
+        with pytest.raises(service.ServingConfigError, match=message):
+            service.load_serving_settings(path, environ=environ)
+
+
+def test_config_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FASHION_SERVE_CONFIG_DIR", str(tmp_path))
+    assert service.serving_config_path() == tmp_path / "serving.yaml"
+
+
+def test_stdlib_logging_becomes_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    service.configure_logging("INFO")
+    logging.getLogger("bentoml.serve").info("hello %s", "world")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logging.getLogger("bentoml").exception("failed")
+    logging.getLogger("bentoml").setLevel(1)
+    logging.getLogger("bentoml").log(5, "a level loguru does not know")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+    hello = next(entry for entry in lines if entry["message"] == "hello world")
+    assert hello["logger"] == "bentoml.serve" and hello["level"] == "INFO"
+    failed = next(entry for entry in lines if entry["message"] == "failed")
+    assert "boom" in failed["exception"]
