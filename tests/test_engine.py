@@ -181,3 +181,15 @@ def test_channels_last_training_runs(tmp_path: Path) -> None:
         tmp_path,
     )
     assert state.epoch == 1
+
+
+@pytest.mark.parametrize("total_steps", range(1, 11))
+def test_onecycle_works_for_very_short_runs(total_steps: int) -> None:
+    model = _model()
+    cfg = _cfg(scheduler="onecycle", epochs=total_steps)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, steps_per_epoch=1)
+    for _ in range(total_steps):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] <= cfg.lr

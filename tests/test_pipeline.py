@@ -194,3 +194,16 @@ def test_overrides_round_trip(make_settings: MakeSettings) -> None:
     again = load_settings(overrides=_overrides_of(settings))
     assert again.data == settings.data and again.train == settings.train
     assert np.isclose(again.train.lr, settings.train.lr)
+
+
+def test_connect_keeps_artifacts_in_the_store_and_the_environment_clean(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    first = make_settings()
+    tracking.connect(first.tracking)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    second = make_settings(f"tracking.store_dir={tmp_path / 'other'}", "tracking.experiment_name=x")
+    experiment_id = tracking.connect(second.tracking)
+    location = mlflow.get_experiment(experiment_id).artifact_location
+    assert location == (tmp_path / "other" / "artifacts").as_uri()
+    assert mlflow.get_tracking_uri().endswith(f"{tmp_path / 'other'}/mlflow.db")

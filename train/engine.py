@@ -100,9 +100,11 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-batch schedule over the whole run."""
     total = max(1, cfg.epochs * steps_per_epoch)
-    if cfg.scheduler == "onecycle":
+    if cfg.scheduler == "onecycle" and total >= 3:
+        # OneCycleLR divides by the length of each phase: keep the warm-up at least 1.5 steps.
+        warmup = min(0.5, max(0.25, 1.5 / total))
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.25
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=warmup
         )
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)

@@ -7,6 +7,7 @@ to be started; ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` selects a se
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import urllib.error
 import urllib.request
@@ -14,12 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
+from matplotlib.figure import Figure
 from mlflow.models import infer_signature
 from torch import nn
 
@@ -53,14 +51,18 @@ def connect(cfg: TrackingConfig) -> str:
             raise TrackingError(f"tracking server {uri} is unreachable: {exc}") from exc
     elif uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    artifact_location = cfg.artifact_location()
+    user_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI; left there it would read as the user's
+    # choice next time and send a later store's artifacts to ./mlruns.
+    if user_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
     if experiment is not None:
         return str(experiment.experiment_id)
-    return str(
-        mlflow.create_experiment(cfg.experiment_name, artifact_location=cfg.artifact_location())
-    )
+    return str(mlflow.create_experiment(cfg.experiment_name, artifact_location=artifact_location))
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -108,7 +110,8 @@ def per_class_report(matrix: np.ndarray, classes: list[str]) -> dict[str, dict[s
 def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
     """Save a labelled confusion-matrix heat map."""
     size = max(6.0, 0.6 * len(classes))
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))  # no pyplot: no global backend switch
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -127,7 +130,6 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path) ->
         )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -145,7 +147,8 @@ def plot_misclassified(
     wrong = wrong[np.argsort(-confidences[wrong])][:limit]
     cols = 6
     rows = max(1, (len(wrong) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.0), squeeze=False)
+    fig = Figure(figsize=(cols * 1.8, rows * 2.0))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, index in zip(axes.flat, wrong, strict=False):
@@ -157,7 +160,6 @@ def plot_misclassified(
         )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

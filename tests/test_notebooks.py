@@ -1,0 +1,163 @@
+"""Execute the notebooks headless on tiny generated data; the committed notebooks are never touched.
+
+Each notebook is read from ``notebooks/``, executed with nbclient (kernel ``python3``, which runs the
+interpreter executing the tests) and written to ``tmp_path``. Settings reach the kernel through
+``FASHION_SERVE_NOTEBOOK_OVERRIDES`` (``section.key=value`` overrides for ``load_settings``); data
+comes from the ``fmnist_dir`` fixture, and ``make_settings`` isolates the environment.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from train.config import Settings
+from train.data import FASHION_MNIST_CLASSES
+from train.pipeline import run_fit
+
+pytestmark = pytest.mark.slow
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+OVERRIDES_ENV = "FASHION_SERVE_NOTEBOOK_OVERRIDES"
+MakeSettings = Callable[..., Settings]  # the ``make_settings`` fixture of conftest.py
+
+# nbformat ships type hints but leaves read/write unannotated.
+_read_notebook: Callable[..., Any] = nbformat.read
+_write_notebook: Callable[..., Any] = nbformat.write
+
+
+def _set_overrides(monkeypatch: pytest.MonkeyPatch, *overrides: str) -> None:
+    """Hand ``section.key=value`` overrides to the kernel, which inherits ``os.environ``.
+
+    Call after ``make_settings`` has been requested: that fixture already removed
+    ``MLFLOW_TRACKING_URI`` and every ``FASHION_SERVE__*`` variable from the environment.
+    """
+    monkeypatch.setenv(OVERRIDES_ENV, " ".join(shlex.quote(o) for o in overrides))
+
+
+def _data_overrides(tmp_path: Path, fmnist_dir: Path) -> list[str]:
+    """Point the notebook at the tiny data set and keep every store inside ``tmp_path``."""
+    return [
+        f"data.path={fmnist_dir}",
+        f"data.debian_path={tmp_path / 'no-debian-fashion-mnist'}",
+        "data.allow_download=false",
+        f"tracking.store_dir={tmp_path / 'mlflow'}",
+        f"train.checkpoint_dir={tmp_path / 'checkpoints'}",
+    ]
+
+
+def _execute(name: str, out_dir: Path) -> Any:
+    """Run ``notebooks/<name>`` (cwd ``notebooks/``) and save the executed copy in ``out_dir``."""
+    notebook = _read_notebook(NOTEBOOKS / name, as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
+    client.execute()
+    _write_notebook(notebook, out_dir / name)
+    return notebook
+
+
+def _outputs(notebook: Any) -> tuple[str, list[str]]:
+    """All textual output of the code cells, and the error outputs (``ename: evalue``)."""
+    texts: list[str] = []
+    errors: list[str] = []
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        for output in cell.get("outputs", []):
+            if output.output_type == "error":
+                errors.append(f"{output.ename}: {output.evalue}")
+            elif output.output_type == "stream":
+                texts.append(str(output.text))
+            else:
+                data = output.get("data", {})
+                texts.extend(
+                    str(data[kind])
+                    for kind in ("text/plain", "text/html", "text/markdown")
+                    if kind in data
+                )
+    return "\n".join(texts), errors
+
+
+def _image_count(notebook: Any) -> int:
+    return sum(
+        "image/png" in output.get("data", {})
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+    )
+
+
+# ``make_settings`` is requested for its side effect: it clears MLFLOW_TRACKING_URI and the
+# FASHION_SERVE__* variables that the kernel would otherwise inherit.
+
+
+def test_data_exploration_notebook(
+    tmp_path: Path, fmnist_dir: Path, make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _set_overrides(monkeypatch, *_data_overrides(tmp_path, fmnist_dir), "data.limit_per_class=8")
+    notebook = _execute("01_data_exploration.ipynb", tmp_path)
+    text, errors = _outputs(notebook)
+    assert errors == []
+    for class_name in FASHION_MNIST_CLASSES:
+        assert class_name in text
+    assert str(fmnist_dir) in text  # the override reached load_settings
+    assert "exact duplicates" in text
+    assert "AugmentationPreset(" in text
+    # class distribution, samples, per-class mean images, histograms, augmentation preview
+    assert _image_count(notebook) >= 5
+
+
+def test_model_experiments_notebook_without_runs(
+    tmp_path: Path, fmnist_dir: Path, make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _set_overrides(monkeypatch, *_data_overrides(tmp_path, fmnist_dir))
+    notebook = _execute("02_model_experiments.ipynb", tmp_path)
+    text, errors = _outputs(notebook)
+    assert errors == []
+    assert str(tmp_path / "mlflow") in text  # the store override reached load_settings
+    assert "0 run(s) in the experiment" in text
+    assert "No finished training runs" in text
+    assert _image_count(notebook) == 0
+
+
+def test_model_experiments_notebook_with_runs(
+    tmp_path: Path, fmnist_dir: Path, make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mlflow.set_tracking_uri (inside run_fit) exports MLFLOW_TRACKING_URI to os.environ; record
+    # the variable with monkeypatch so it is removed again after this test.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # That export also makes connect() create the experiment without tracking.store_dir/artifacts,
+    # so MLflow falls back to ./mlruns: keep it inside tmp_path, not the checkout.
+    monkeypatch.chdir(tmp_path)
+    for architecture in ("simple_cnn", "resnet_small"):
+        settings = make_settings(
+            f"model.name={architecture}",
+            "data.limit_per_class=6",
+            "train.num_threads=1",
+            # On torch 2.14.1 CPU a channels_last 1x1 stride-2 conv with 4 input channels
+            # (resnet_small at width 4) corrupts the heap in backward and kills the process.
+            "train.channels_last=false",
+        )
+        run_fit(settings, run_name=f"tiny-{architecture}")
+
+    _set_overrides(monkeypatch, *_data_overrides(tmp_path, fmnist_dir))
+    notebook = _execute("02_model_experiments.ipynb", tmp_path)
+    text, errors = _outputs(notebook)
+    assert errors == []
+    assert "2 finished with a logged model" in text
+    for expected in ("tiny-simple_cnn", "tiny-resnet_small", "best_val_accuracy", "latency_ms"):
+        assert expected in text
+    assert "timed 2 of 2 model(s)" in text
+    assert "could not time" not in text
+    assert _image_count(notebook) == 1
