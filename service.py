@@ -42,13 +42,12 @@ import anyio.to_thread
 import bentoml
 import numpy as np
 import onnxruntime as ort
-import yaml
 from _bentoml_sdk.io_models import IORootModel  # type: ignore[import-untyped]
 from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
 from loguru import logger
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -59,6 +58,13 @@ from train.preprocess import (
     prepare_image,
     softmax,
     to_model_input,
+)
+from train.settings_io import (
+    SettingsError,
+    env_overrides,
+    read_yaml_mapping,
+    set_nested,
+    validate,
 )
 
 if TYPE_CHECKING:
@@ -121,8 +127,8 @@ class ServingSettings(_Strict):
     access_log: bool
 
 
-class ServingConfigError(ValueError):
-    """``configs/serving.yaml`` or an override is wrong; the message names the key."""
+#: ``configs/serving.yaml`` or an override is wrong; the message names the key.
+ServingConfigError = SettingsError
 
 
 def serving_config_path() -> Path:
@@ -144,34 +150,10 @@ def load_serving_settings(
         ServingConfigError: a missing or malformed file, or an unknown key or invalid value.
     """
     file = path or serving_config_path()
-    try:
-        tree = yaml.safe_load(file.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ServingConfigError(f"cannot read serving config {file}: {exc}") from exc
-    if not isinstance(tree, dict):
-        raise ServingConfigError(f"serving config {file} must hold a mapping")
-    for name, raw in sorted((os.environ if environ is None else environ).items()):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        keys = name[len(ENV_PREFIX) :].lower().split("__")
-        node = tree
-        for key in keys[:-1]:
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise ServingConfigError(f"{name}: '{key}' is not a section")
-            node = child
-        try:
-            node[keys[-1]] = yaml.safe_load(raw) if raw else None
-        except yaml.YAMLError as exc:
-            raise ServingConfigError(f"{name}: value is not valid YAML: {exc}") from exc
-    try:
-        return ServingSettings.model_validate(tree)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ServingConfigError(
-            f"invalid serving config at {where}: {first['msg']} ({file}, {ENV_PREFIX}*)"
-        ) from exc
+    tree = read_yaml_mapping(file)
+    for keys, value, name in env_overrides(ENV_PREFIX, os.environ if environ is None else environ):
+        set_nested(tree, keys, value, name)
+    return validate(ServingSettings, tree, f"serving config ({file}, {ENV_PREFIX}*)")
 
 
 SETTINGS = load_serving_settings()

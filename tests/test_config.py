@@ -292,7 +292,7 @@ def test_bad_value_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ("train.epochs", "override 'train.epochs' must look like section.key=value"),
         ("=3", "'' must be section.key"),
         ("train=3", "'train' must be section.key"),
-        ("train.epochs.x=1", "goes through a non-mapping value"),
+        ("train.epochs.x=1", "'epochs' is not a section"),
         ("train.epochs=[1", "override 'train.epochs=[1': value is not valid YAML"),
     ],
 )

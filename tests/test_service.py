@@ -678,8 +678,8 @@ def test_settings_file_and_env_overrides(tmp_path: Path) -> None:
     not_mapping = tmp_path / "list.yaml"
     not_mapping.write_text("- 1")
     problems: list[tuple[Path, dict[str, str], str]] = [
-        (tmp_path / "missing.yaml", {}, "cannot read"),
-        (bad_yaml, {}, "cannot read"),
+        (tmp_path / "missing.yaml", {}, "not found"),
+        (bad_yaml, {}, "not valid YAML"),
         (not_mapping, {}, "must hold a mapping"),
         (ROOT / "configs" / "serving.yaml", {"FASHION_SERVE_SERVING__WORKERS": "0"}, "workers"),
         (ROOT / "configs" / "serving.yaml", {"FASHION_SERVE_SERVING__NOPE": "1"}, "nope"),

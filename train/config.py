@@ -16,8 +16,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from train.settings_io import (
+    SettingsError,
+    env_overrides,
+    parse_value,
+    read_yaml_mapping,
+    set_nested,
+    validate,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "FASHION_SERVE__"
@@ -26,8 +34,8 @@ SECTIONS = ("data", "model", "train", "tracking", "registry", "export", "sweep")
 AugmentationName = Literal["none", "flip", "standard", "strong"]
 
 
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names where it is."""
+#: A configuration problem, with a one-line message that names where it is.
+ConfigError = SettingsError
 
 
 class _Section(BaseModel):
@@ -181,38 +189,13 @@ def config_dir() -> Path:
     return Path(os.environ.get("FASHION_SERVE_CONFIG_DIR", PROJECT_ROOT / "configs"))
 
 
-def _one_line(exc: Exception) -> str:
-    """PyYAML messages span several lines (with a caret drawing); errors here are one line."""
-    return " ".join(str(exc).split())
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        content = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(exc)}") from exc
-    if content is None:
-        return {}
-    if not isinstance(content, dict):
-        raise ConfigError(f"config file {path} must hold a mapping, got {type(content).__name__}")
-    return content
-
-
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
     parts = [p for p in dotted.split(".") if p]
     if len(parts) < 2 or parts[0] not in SECTIONS:
         raise ConfigError(
             f"{origin}: '{dotted}' must be section.key with section one of {', '.join(SECTIONS)}"
         )
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{origin}: '{dotted}' goes through a non-mapping value")
-        node = child
-    node[parts[-1]] = value
+    set_nested(tree, parts, value, origin)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -220,11 +203,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML: {_one_line(exc)}") from exc
-    return key.strip(), value
+    return key.strip(), parse_value(raw, f"override '{text}'")
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -257,25 +236,16 @@ def load_settings(
     for section in SECTIONS:
         file = folder / f"{section}.yaml"
         if file.exists():
-            tree[section] = _read_yaml(file)
+            tree[section] = read_yaml_mapping(file)
     if preset is not None:
-        preset_tree = _read_yaml(preset)
+        preset_tree = read_yaml_mapping(preset)
         unknown = set(preset_tree) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"{preset}: unknown section(s) {', '.join(sorted(unknown))}")
         tree = _deep_merge(tree, preset_tree)
-    for name, raw in sorted(os.environ.items()):
-        if name.startswith(ENV_PREFIX):
-            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-            _set_dotted(tree, dotted, parse_override(f"x={raw}")[1], f"environment {name}")
+    for keys, value, name in env_overrides(ENV_PREFIX, os.environ):
+        _set_dotted(tree, ".".join(keys), value, f"environment {name}")
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value, f"override '{text}'")
-    try:
-        return Settings.model_validate(tree)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(
-            f"invalid config value at {where}: {first['msg']} (got {first.get('input')!r})"
-        ) from exc
+    return validate(Settings, tree, "config value")
