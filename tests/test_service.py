@@ -716,3 +716,81 @@ def test_stdlib_logging_becomes_json(capsys: pytest.CaptureFixture[str]) -> None
     assert hello["logger"] == "bentoml.serve" and hello["level"] == "INFO"
     failed = next(entry for entry in lines if entry["message"] == "failed")
     assert "boom" in failed["exception"]
+
+
+# --------------------------------------------------------------------------- README and build
+
+
+def readme_blocks(language: str) -> list[str]:
+    """The fenced ``language`` blocks of README.md's "Calling it" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Calling it", 1)[1].split("\n### ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_examples(served: Served, tmp_path: Path) -> None:
+    """Every curl and Python client example in the README runs against a live server."""
+    (tmp_path / "shirt.png").write_bytes(PNG)
+    (tmp_path / "boot.jpg").write_bytes(JPEG)
+    shell, python = readme_blocks("bash"), readme_blocks("python")
+    assert len(shell) == 1 and len(python) == 2
+    readme_url = "http://127.0.0.1:3000"
+    for command in shell[0].strip().splitlines():
+        out = subprocess.run(
+            ["bash", "-c", command.replace(readme_url, served.url)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        body = json.loads(out)
+        labels = [body["label"]] if isinstance(body, dict) else [p["label"] for p in body]
+        assert labels and all(label in CLASSES for label in labels)
+    for code in python:
+        result = subprocess.run(
+            [sys.executable, "-c", code.replace(readme_url, served.url)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.split()[0] in CLASSES
+
+
+def test_bentoml_build_packages_the_model_without_torch(bento_home: Path, tmp_path: Path) -> None:
+    """``bentoml build`` makes a Bento holding the served model and no torch/MLflow requirement."""
+    env = {**os.environ, "BENTOML_HOME": str(bento_home), "BENTOML_DO_NOT_TRACK": "True"}
+    bentoml_cli = str(Path(sys.executable).parent / "bentoml")
+    built = subprocess.run(
+        [bentoml_cli, "build", "-f", "bentofile.yaml", "--output", "tag", "."],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    info = subprocess.run(
+        [bentoml_cli, "get", tag, "-o", "json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    bento = json.loads(info.stdout)
+    # BentoML 1.4 lists a new-style service's models under its service entry.
+    served_models = [m["tag"] for svc in bento["services"] for m in svc["models"]]
+    assert [t.split(":")[0] for t in served_models] == ["fashion-classifier"]
+    assert (bento_home / "models" / served_models[0].replace(":", "/") / "model.onnx").exists()
+    bento_dir = bento_home / "bentos" / tag.replace(":", "/")
+    files = {p.relative_to(bento_dir / "src").as_posix() for p in (bento_dir / "src").rglob("*.py")}
+    assert {"service.py", "train/preprocess.py", "train/settings_io.py"} <= files
+    assert "train/models.py" not in files
+    requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text().lower()
+    assert "onnxruntime" in requirements
+    assert "torch" not in requirements and "mlflow" not in requirements
