@@ -8,10 +8,11 @@ CONFIG_FLAG := $(if $(CONFIG),--config $(CONFIG),)
 PORT ?= 3000
 HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
-APT_PACKAGES := dataset-fashion-mnist
+BENCH_ARGS ?=
+APT_PACKAGES := dataset-fashion-mnist wrk
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
-.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep clean help
+.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -50,6 +51,9 @@ serve: setup  ## serve the imported champion on $(HOST):$(PORT)
 	$(VENV)/bin/bentoml serve service:Classifier --host $(HOST) --port $(PORT)
 
 run: setup train promote import serve  ## the main job: set up, train, promote, import, serve
+
+bench-serve: setup  ## benchmark the imported model under load → docs/benchmarks-serving.md (BENCH_ARGS=--tiny)
+	$(PY) -m bench.serving $(BENCH_ARGS)
 
 mlflow: setup  ## MLflow UI/server on 127.0.0.1 over the embedded store
 	$(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.serving`` measures the BentoML service under load."""

@@ -1,0 +1,1015 @@
+"""Serving benchmark: ``bentoml serve service:Classifier`` under load, as one Markdown table.
+
+``make bench-serve`` (or ``.venv/bin/python -m bench.serving``) does this:
+
+1. Picks the model: by default the one ``make import`` stored (``BENTOML_HOME``, tag from
+   ``configs/serving.yaml``); with ``--tiny`` a random ``simple_cnn`` imported into a temporary
+   BentoML home, so it runs without a trained model.
+2. Starts ``bentoml serve service:Classifier`` on a free loopback port and times the cold start,
+   from process spawn to ``/readyz`` = 200.
+3. Encodes Fashion-MNIST test images as PNG (synthetic images if the data set is missing) and
+   prebuilds the multipart bodies.
+4. Per scenario (``/predict`` at concurrency 1, 16, 64; ``/batch_predict`` with 64 images per
+   request at concurrency 4): a warm-up, then ``--duration`` seconds of closed-loop load from a
+   separate process, Debian's ``wrk`` with ``bench/post_multipart.lua`` or, without it, the
+   aiohttp client in ``bench/loadgen.py``. The client's and the server's CPU use are measured,
+   so a client that starves the server shows up in the table.
+5. Reads the service's ``fashion_serve_batch_size`` histogram from ``/metrics`` before and after
+   each scenario (mean images per ONNX Runtime call).
+6. Prints the table and writes it, with machine information, to ``docs/benchmarks-serving.md``.
+
+The server is stopped (SIGTERM to its process group, SIGKILL after ``--stop-timeout``) on every
+exit path, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LUA_SCRIPT = Path(__file__).resolve().with_name("post_multipart.lua")
+DEFAULT_OUTPUT = PROJECT_ROOT / "docs" / "benchmarks-serving.md"
+DEFAULT_SCENARIOS = "predict:1,predict:16,predict:64,batch_predict:4:64"
+ENDPOINT_FIELDS = {"predict": "image", "batch_predict": "images"}
+BATCH_METRIC = "fashion_serve_batch_size"
+ERRORS_METRIC = "fashion_serve_errors_total"
+SUMMARY_PREFIX = "BENCH_JSON "
+MAX_DURATION_S = 300
+MAX_WARMUP_S = 60
+MAX_CONCURRENCY = 1024
+#: Prebuilt bodies per scenario; requests rotate through them.
+MAX_BODIES = 256
+ERROR_KINDS = ("connect", "read", "write", "status", "timeout")
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run or a part of it failed; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One load level: an endpoint, requests in flight, images per request."""
+
+    endpoint: str
+    concurrency: int
+    images: int = 1
+
+    @property
+    def name(self) -> str:
+        """``/predict`` or ``/batch_predict ×64`` (the images per request when more than one)."""
+        return f"/{self.endpoint}" + (f" ×{self.images}" if self.images > 1 else "")
+
+
+def parse_scenarios(text: str, batch_images: int = 64) -> list[Scenario]:
+    """Parse ``endpoint:concurrency[:images],...``, e.g. ``predict:16,batch_predict:4:64``.
+
+    Args:
+        text: Comma-separated scenarios.
+        batch_images: Images per ``/batch_predict`` request when a scenario does not say.
+
+    Raises:
+        BenchError: an unknown endpoint or a value out of range.
+    """
+    scenarios = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        pieces = item.split(":")
+        endpoint = pieces[0].lstrip("/")
+        if endpoint not in ENDPOINT_FIELDS or len(pieces) not in (2, 3):
+            raise BenchError(
+                f"bad scenario {item!r}: use predict:<concurrency> or "
+                "batch_predict:<concurrency>[:<images per request>]"
+            )
+        try:
+            concurrency = int(pieces[1])
+            default_images = 1 if endpoint == "predict" else batch_images
+            images = int(pieces[2]) if len(pieces) == 3 else default_images
+        except ValueError as exc:
+            raise BenchError(f"bad scenario {item!r}: {exc}") from exc
+        if not 1 <= concurrency <= MAX_CONCURRENCY:
+            raise BenchError(f"bad scenario {item!r}: concurrency must be 1..{MAX_CONCURRENCY}")
+        if images < 1 or (endpoint == "predict" and images != 1):
+            raise BenchError(f"bad scenario {item!r}: /predict takes 1 image, batches 1 or more")
+        scenarios.append(Scenario(endpoint, concurrency, images))
+    if not scenarios:
+        raise BenchError("no scenarios given")
+    return scenarios
+
+
+# --------------------------------------------------------------------------- images and bodies
+
+
+def png_bytes(pixels: np.ndarray[Any, np.dtype[np.uint8]]) -> bytes:
+    """Encode ``uint8 [H, W]`` or ``[H, W, C]`` pixels as PNG."""
+    import io
+
+    array = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def load_images(count: int, seed: int = 0) -> tuple[list[bytes], str]:
+    """``count`` Fashion-MNIST test images as PNG bytes, or seeded noise images without the data.
+
+    The data set comes from ``train.config.load_settings()``'s ``data`` section, never downloaded.
+
+    Returns:
+        The PNG bytes and a description of where they came from.
+    """
+    try:
+        from train.config import ConfigError, load_settings
+        from train.data import DataError, load_fashion_mnist
+
+        data_cfg = load_settings().data.model_copy(update={"allow_download": False})
+        _, test, folder = load_fashion_mnist(data_cfg)
+        images = test.images[:count]
+        return [png_bytes(image) for image in images], (
+            f"Fashion-MNIST test set ({len(images)} images from {folder})"
+        )
+    except (ConfigError, DataError, OSError, ValueError) as exc:
+        print(f"note: Fashion-MNIST unavailable ({exc}); using synthetic images", file=sys.stderr)
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+    return [png_bytes(image) for image in noise], f"synthetic 28x28 noise PNGs ({count})"
+
+
+def multipart_body(field_name: str, files: Sequence[bytes], boundary: str) -> bytes:
+    """A ``multipart/form-data`` body with each of ``files`` as a PNG upload in ``field_name``."""
+    parts = []
+    for index, data in enumerate(files):
+        head = (
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="{field_name}"; filename="img{index}.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        )
+        parts.append(head.encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts)
+
+
+@dataclass(frozen=True)
+class BodySet:
+    """Prebuilt request bodies on disk: ``folder/body-0000.bin``..."""
+
+    folder: Path
+    count: int
+    content_type: str
+    mean_bytes: float
+
+
+def write_bodies(folder: Path, scenario: Scenario, images: Sequence[bytes]) -> BodySet:
+    """Write up to :data:`MAX_BODIES` bodies for ``scenario``, cycling through ``images``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    boundary = f"bench{uuid.uuid4().hex}"
+    count = max(1, min(MAX_BODIES, len(images) // scenario.images))
+    sizes = []
+    for index in range(count):
+        start = index * scenario.images
+        files = [images[(start + k) % len(images)] for k in range(scenario.images)]
+        body = multipart_body(ENDPOINT_FIELDS[scenario.endpoint], files, boundary)
+        (folder / f"body-{index:04d}.bin").write_bytes(body)
+        sizes.append(len(body))
+    return BodySet(
+        folder, count, f"multipart/form-data; boundary={boundary}", sum(sizes) / len(sizes)
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+def make_tiny_model(home: Path) -> str:
+    """Import a random ``simple_cnn`` (width 8, Fashion-MNIST classes) into the store at ``home``.
+
+    Mirrors ``tests/test_service.py``: :func:`train.export.import_to_bento` with an explicit
+    ``bentoml_home``, so BentoML's global store is untouched.
+
+    Returns:
+        The BentoML model tag.
+    """
+    import torch
+
+    from train.config import ExportConfig, ModelConfig
+    from train.data import FASHION_MNIST_CLASSES
+    from train.export import import_to_bento
+    from train.models import build_model
+    from train.preprocess import PreprocessSpec, to_model_input
+
+    torch.manual_seed(0)
+    spec = PreprocessSpec()
+    model = build_model(
+        ModelConfig(name="simple_cnn", width=8), spec, num_classes=len(FASHION_MNIST_CLASSES)
+    ).eval()
+    rng = np.random.default_rng(0)
+    parity = to_model_input(list(rng.integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)))
+    lineage = {"registered_name": "fashion-classifier", "version": "0", "run_id": "bench-tiny"}
+    tag = import_to_bento(
+        model,
+        list(FASHION_MNIST_CLASSES),
+        spec,
+        lineage,
+        parity,
+        ExportConfig(bentoml_home=home),
+    )
+    return str(tag)
+
+
+def stored_model(home: Path, tag: str) -> str:
+    """The full tag of ``tag`` in the store at ``home``.
+
+    Raises:
+        BenchError: the model is not there (with the command that puts it there).
+    """
+    import bentoml
+    from bentoml._internal.models.model import ModelStore
+    from bentoml.exceptions import NotFound
+
+    try:
+        model = bentoml.models.get(tag, _model_store=ModelStore(str(home / "models")))
+    except (NotFound, OSError) as exc:
+        raise BenchError(
+            f"model {tag} is not in the BentoML store at {home} ({exc}); run `make import` "
+            "first (or pass --tiny for a random model)"
+        ) from exc
+    return str(model.tag)
+
+
+# --------------------------------------------------------------------------- processes and CPU
+
+
+def process_tree_cpu_s(root: int) -> float | None:
+    """User + system CPU seconds of ``root`` and all its descendants, from ``/proc`` (Linux).
+
+    Returns:
+        The seconds, or ``None`` where ``/proc`` cannot be read.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    try:
+        entries = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return None
+    for name in entries:
+        try:
+            raw = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        # After "pid (comm) ": state ppid ... utime is field 14, stime 15 (1-based, whole line).
+        stats[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    if root not in stats:
+        return None
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        total += stats[pid][1]
+        stack.extend(children.get(pid, []))
+    return total
+
+
+@dataclass(frozen=True)
+class ClientRun:
+    """What a load-generator process printed and what it cost."""
+
+    summary: dict[str, Any]
+    cpu_s: float
+    wall_s: float
+
+
+def run_client(command: Sequence[str], limit_s: float, workdir: Path) -> ClientRun:
+    """Run a load generator to completion and measure its own CPU time (``wait4`` rusage).
+
+    Raises:
+        BenchError: it failed, ran past ``limit_s`` or printed no ``BENCH_JSON`` line.
+    """
+    out_path = workdir / "client.out"
+    started = time.perf_counter()
+    with out_path.open("wb") as sink:
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = started + limit_s
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                raise BenchError(f"load generator ran past {limit_s:.0f}s: {' '.join(command)}")
+            time.sleep(0.05)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(process.pid, 0)
+        process.returncode = -signal.SIGKILL
+        raise
+    wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    output = out_path.read_text(errors="replace")
+    lines = [line for line in output.splitlines() if line.startswith(SUMMARY_PREFIX)]
+    if process.returncode != 0 or not lines:
+        raise BenchError(
+            f"load generator failed (exit {process.returncode}): {' '.join(command)}\n{output}"
+        )
+    summary: dict[str, Any] = json.loads(lines[-1][len(SUMMARY_PREFIX) :])
+    return ClientRun(summary, usage.ru_utime + usage.ru_stime, wall)
+
+
+def client_command(
+    tool: str, url: str, bodies: BodySet, concurrency: int, duration_s: int, timeout_s: float
+) -> list[str]:
+    """The command line of ``wrk`` (one thread) or of the Python fallback client."""
+    if tool == "wrk":
+        return [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{duration_s}s",
+            f"--timeout={max(1, round(timeout_s))}s",
+            "--latency",
+            "-s",
+            str(LUA_SCRIPT),
+            url,
+            "--",
+            str(bodies.folder),
+            str(bodies.count),
+            bodies.content_type,
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        f"--url={url}",
+        f"--bodies={bodies.folder}",
+        f"--count={bodies.count}",
+        f"--content-type={bodies.content_type}",
+        f"--concurrency={concurrency}",
+        f"--duration={duration_s}",
+        f"--timeout={timeout_s}",
+    ]
+
+
+def pick_client(choice: str) -> str:
+    """``wrk`` if asked for or found on ``PATH`` (``auto``), else ``python``.
+
+    Raises:
+        BenchError: ``wrk`` was asked for and is not installed.
+    """
+    found = shutil.which("wrk") is not None
+    if choice == "wrk" and not found:
+        raise BenchError("--client wrk: wrk is not installed (apt-get install wrk)")
+    if choice == "auto" and not found:
+        print(
+            "note: wrk is not installed (apt-get install wrk, or `make setup`); falling back to "
+            "the Python aiohttp client, which needs more CPU per request: watch the client CPU "
+            "column",
+            file=sys.stderr,
+        )
+    return "wrk" if choice != "python" and found else "python"
+
+
+# --------------------------------------------------------------------------- server
+
+
+def free_port(host: str) -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    """A ``bentoml serve service:Classifier`` process in its own process group."""
+
+    def __init__(self, host: str, port: int, env: dict[str, str], log: Path) -> None:
+        self.url = f"http://{host}:{port}"
+        self.log = log
+        self.cold_start_s = float("nan")
+        self.stopped: str | None = None
+        bentoml_cli = Path(sys.executable).parent / "bentoml"
+        command = [str(bentoml_cli), "serve", "service:Classifier"]
+        self._spawned = time.perf_counter()
+        with log.open("wb") as sink:
+            self.process = subprocess.Popen(
+                [*command, "--host", host, "--port", str(port)],
+                cwd=PROJECT_ROOT,
+                env=env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the server log."""
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+    def wait_ready(self, timeout_s: float) -> float:
+        """Poll ``/readyz`` until 200; return seconds since spawn (the cold start).
+
+        Raises:
+            BenchError: the process exited or was not ready in ``timeout_s``.
+        """
+        deadline = self._spawned + timeout_s
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                self.check_alive()
+                try:
+                    if client.get(f"{self.url}/readyz").status_code == 200:
+                        self.cold_start_s = time.perf_counter() - self._spawned
+                        return self.cold_start_s
+                except httpx.HTTPError:
+                    pass
+                if time.perf_counter() > deadline:
+                    raise BenchError(
+                        f"bentoml serve not ready in {timeout_s:.0f}s; log tail:\n"
+                        + self.log_tail()
+                    )
+                time.sleep(0.05)
+
+    def check_alive(self) -> None:
+        """Raise :class:`BenchError` with the log tail if the server has exited."""
+        if self.process.poll() is not None:
+            raise BenchError(
+                f"bentoml serve exited with {self.process.returncode}; log tail:\n"
+                + self.log_tail()
+            )
+
+    def stop(self, timeout_s: float) -> str:
+        """SIGTERM the process group, SIGKILL it after ``timeout_s``; say how it ended (once)."""
+        if self.stopped is not None:
+            return self.stopped
+        if self.process.poll() is not None:
+            self.stopped = f"server had exited by itself ({self.process.returncode})"
+            return self.stopped
+        started = time.perf_counter()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+            how = f"stopped by SIGTERM in {time.perf_counter() - started:.1f}s"
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            how = f"killed (SIGKILL) after {timeout_s:.0f}s without stopping on SIGTERM"
+        # Workers may outlive the arbiter; the group is ours.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.stopped = how
+        return how
+
+
+@contextlib.contextmanager
+def serving(
+    host: str, port: int, env: dict[str, str], log: Path, stop_s: float
+) -> Iterator[Server]:
+    """Start the server, yield it, and always stop it (exceptions and Ctrl-C included)."""
+    server = Server(host, port, env, log)
+    try:
+        yield server
+    finally:
+        print(f"server: {server.stop(stop_s)}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """``/metrics`` as ``{"name{labels}": value}`` (comments and bad lines skipped)."""
+    text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            samples[key] = samples.get(key, 0.0) + float(value)
+    return samples
+
+
+def metric_sum(samples: dict[str, float], name: str) -> float:
+    """Sum of every sample of ``name`` over all label sets (and worker processes)."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+def metric_delta(
+    before: dict[str, float], after: dict[str, float], prefix: str
+) -> dict[str, float]:
+    """Samples of ``prefix`` (with labels) that grew between two scrapes, by how much."""
+    return {
+        key: value - before.get(key, 0.0)
+        for key, value in after.items()
+        if key.startswith(prefix) and value - before.get(key, 0.0) > 0
+    }
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    """One scenario's results."""
+
+    scenario: Scenario
+    tool: str
+    duration_s: float
+    requests: int
+    ok: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    errors: dict[str, int]
+    client_cpu_pct: float
+    server_cpu_pct: float | None
+    mean_batch: float | None
+    load1: float
+    server_errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def requests_per_s(self) -> float:
+        """Successful (2xx) responses per second."""
+        return self.ok / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        """Images classified per second (successful requests × images per request)."""
+        return self.requests_per_s * self.scenario.images
+
+    @property
+    def error_count(self) -> int:
+        """Failed requests: bad statuses and socket errors together."""
+        return sum(self.errors.values())
+
+    def error_text(self) -> str:
+        """``0`` or the total with its breakdown, e.g. ``12 (status 10, timeout 2)``."""
+        if not self.error_count:
+            return "0"
+        parts = ", ".join(f"{kind} {n}" for kind, n in self.errors.items() if n)
+        return f"**{self.error_count}** ({parts})"
+
+
+def make_row(
+    scenario: Scenario,
+    run: ClientRun,
+    server_cpu_s: float | None,
+    before: dict[str, float],
+    after: dict[str, float],
+) -> Row:
+    """Combine the client summary, CPU use and the ``/metrics`` deltas into a :class:`Row`."""
+    s = run.summary
+    errors = {kind: int(s.get(kind, 0)) for kind in ERROR_KINDS}
+    duration = float(s["duration_us"]) / 1e6
+    requests = int(s["requests"])
+    calls = metric_sum(after, f"{BATCH_METRIC}_count") - metric_sum(before, f"{BATCH_METRIC}_count")
+    images = metric_sum(after, f"{BATCH_METRIC}_sum") - metric_sum(before, f"{BATCH_METRIC}_sum")
+    return Row(
+        scenario=scenario,
+        tool=str(s.get("tool", "?")),
+        duration_s=duration,
+        requests=requests,
+        ok=max(0, requests - errors["status"]),
+        p50_ms=float(s["p50_us"]) / 1000,
+        p90_ms=float(s["p90_us"]) / 1000,
+        p99_ms=float(s["p99_us"]) / 1000,
+        errors=errors,
+        client_cpu_pct=100 * run.cpu_s / run.wall_s,
+        server_cpu_pct=None if server_cpu_s is None else 100 * server_cpu_s / run.wall_s,
+        mean_batch=images / calls if calls > 0 else None,
+        load1=os.getloadavg()[0],
+        server_errors=metric_delta(before, after, ERRORS_METRIC),
+    )
+
+
+@dataclass
+class Report:
+    """Everything the Markdown page shows."""
+
+    rows: list[Row]
+    cold_start_s: float
+    model: str
+    images_source: str
+    client_tool: str
+    settings: dict[str, Any]
+    load_before: tuple[float, float, float]
+    started: str
+    duration_s: int
+    warmup_s: int
+    stopped: str = ""
+
+
+def render_table(rows: Sequence[Row]) -> str:
+    """The results as a Markdown table."""
+    head = (
+        "| scenario | conc. | req/s | images/s | p50 ms | p90 ms | p99 ms | errors "
+        "| mean batch | client CPU | server CPU | load1 |\n"
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
+    )
+    lines = []
+    for r in rows:
+        server_cpu = "n/a" if r.server_cpu_pct is None else f"{r.server_cpu_pct:.0f}%"
+        batch = "n/a" if r.mean_batch is None else f"{r.mean_batch:.1f}"
+        lines.append(
+            f"| {r.scenario.name} | {r.scenario.concurrency} | {r.requests_per_s:.1f} "
+            f"| {r.images_per_s:.0f} | {r.p50_ms:.1f} | {r.p90_ms:.1f} | {r.p99_ms:.1f} "
+            f"| {r.error_text()} | {batch} | {r.client_cpu_pct:.0f}% | {server_cpu} "
+            f"| {r.load1:.2f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def machine_info() -> dict[str, str]:
+    """CPU count (as ``nproc``), CPU model, kernel, date and git commit (``-dirty`` if changed)."""
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        commit = head + ("-dirty" if changed else "")
+    return {
+        "nproc": str(len(os.sched_getaffinity(0))),
+        "cpu": model,
+        "kernel": os.uname().release,
+        "python": sys.version.split()[0],
+        "commit": commit,
+    }
+
+
+def render_markdown(report: Report, machine: dict[str, str]) -> str:
+    """The whole page: how it was measured, the machine, the table and any errors."""
+    load = ", ".join(f"{x:.2f}" for x in report.load_before)
+    settings = ", ".join(f"{k}={v}" for k, v in report.settings.items())
+    lines = [
+        "# Serving benchmark",
+        "",
+        "Written by `make bench-serve` (`bench/serving.py`); rerun it rather than editing this page.",
+        "",
+        f"- date: {report.started}",
+        f"- commit: {machine['commit']}",
+        f"- machine: {machine['nproc']} CPUs (`nproc`), {machine['cpu']}, Linux "
+        f"{machine['kernel']}, Python {machine['python']}",
+        f"- load average before the server started (1/5/15 min): {load}",
+        f"- model: {report.model}; serving settings: {settings}",
+        f"- images: {report.images_source}",
+        f"- load generator: {report.client_tool}; closed loop, {report.warmup_s} s warm-up "
+        f"then {report.duration_s} s per scenario, client and server on the same machine",
+        f"- cold start (spawn of `bentoml serve` to `/readyz` = 200): {report.cold_start_s:.1f} s",
+        "",
+        render_table(report.rows),
+        "req/s and images/s count 2xx answers only; latency covers every answered request. "
+        "errors = bad statuses (wrk: status >= 400; Python client: non-2xx) + socket errors "
+        "(connect, read, write, timeout). mean batch = images per ONNX Runtime call "
+        f"(`{BATCH_METRIC}` on `/metrics`). CPU columns are % of one core over the run "
+        f"({machine['nproc']} cores = {100 * int(machine['nproc'])}%); load1 is the 1-minute "
+        "load average at the end of the scenario (our own server and client included).",
+    ]
+    failing = [r for r in report.rows if r.error_count or r.server_errors]
+    if failing:
+        lines += ["", "## Errors", ""]
+        for r in failing:
+            server = ", ".join(f"`{k}` +{v:.0f}" for k, v in r.server_errors.items()) or "none"
+            lines.append(
+                f"- {r.scenario.name} c={r.scenario.concurrency}: client {r.error_text()}; "
+                f"server counters: {server}"
+            )
+    if report.stopped:
+        lines += ["", f"Server: {report.stopped}."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Options:
+    """Command-line options (see :func:`parse_args`)."""
+
+    tiny: bool
+    bentoml_home: Path
+    model_tag: str | None
+    scenarios: list[Scenario]
+    duration: int
+    warmup: int
+    images: int
+    client: str
+    host: str
+    port: int
+    workers: int | None
+    timeout: float
+    ready_timeout: float
+    stop_timeout: float
+    output: Path | None
+    work_dir: Path | None
+
+
+def server_env(home: Path, tag: str, workers: int | None) -> dict[str, str]:
+    """The server's environment: our own plus the store, the model tag and optional workers."""
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "FASHION_SERVE_SERVING__MODEL_TAG": tag,
+    }
+    if workers is not None:
+        env["FASHION_SERVE_SERVING__WORKERS"] = str(workers)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
+
+
+def configured_model_tag() -> str:
+    """``model_tag`` of ``configs/serving.yaml`` (with ``FASHION_SERVE_SERVING__*`` overrides)."""
+    from service import load_serving_settings
+
+    return load_serving_settings().model_tag
+
+
+def effective_settings(env: dict[str, str]) -> dict[str, Any]:
+    """The serving settings the server will use (``configs/serving.yaml`` + overrides)."""
+    from service import load_serving_settings
+
+    s = load_serving_settings(environ=env)
+    return {
+        "workers": s.workers,
+        "threads": s.threads,
+        "onnx_intra_op_threads": s.onnx_intra_op_threads,
+        "predict.max_batch_size": s.predict.max_batch_size,
+        "batch_predict.max_batch_size": s.batch_predict.max_batch_size,
+        "max_concurrency": s.max_concurrency,
+        "log_level": s.log_level,
+    }
+
+
+def run_scenario(
+    server: Server,
+    scenario: Scenario,
+    bodies: BodySet,
+    tool: str,
+    options: Options,
+    workdir: Path,
+) -> Row:
+    """Warm up, then measure one scenario."""
+    url = f"{server.url}/{scenario.endpoint}"
+    slack = options.timeout + 30
+    if options.warmup > 0:
+        warm = client_command(
+            tool, url, bodies, scenario.concurrency, options.warmup, options.timeout
+        )
+        run_client(warm, options.warmup + slack, workdir)
+    server.check_alive()
+    before = scrape_metrics(server.url)
+    cpu_before = process_tree_cpu_s(server.process.pid)
+    command = client_command(
+        tool, url, bodies, scenario.concurrency, options.duration, options.timeout
+    )
+    run = run_client(command, options.duration + slack, workdir)
+    cpu_after = process_tree_cpu_s(server.process.pid)
+    server.check_alive()
+    after = scrape_metrics(server.url)
+    server_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    return make_row(scenario, run, server_cpu, before, after)
+
+
+def run(options: Options) -> Report:
+    """Run the whole benchmark (model, server, scenarios) and return the report.
+
+    Raises:
+        BenchError: no model, a server that does not start or dies, or a failing load generator.
+    """
+    tool = pick_client(options.client)
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    load_before = os.getloadavg()
+    with contextlib.ExitStack() as stack:
+        if options.work_dir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        else:
+            workdir = options.work_dir
+            workdir.mkdir(parents=True, exist_ok=True)
+        if options.tiny:
+            home = workdir / "bentoml_home"
+            print("creating a tiny random simple_cnn model ...", file=sys.stderr)
+            tag = make_tiny_model(home)
+            shown = f"`{tag}` (--tiny: random simple_cnn, width 8)"
+        else:
+            home = options.bentoml_home
+            tag = stored_model(home, options.model_tag or configured_model_tag())
+            shown = f"`{tag}` from {home}"
+        env = server_env(home, tag, options.workers)
+        settings = effective_settings(env)
+        images, source = load_images(options.images)
+        # One body set per (endpoint, images per request), shared by its concurrency levels.
+        bodies: dict[tuple[str, int], BodySet] = {}
+        for s in options.scenarios:
+            if (s.endpoint, s.images) not in bodies:
+                folder = workdir / f"bodies-{s.endpoint}-{s.images}"
+                bodies[s.endpoint, s.images] = write_bodies(folder, s, images)
+        port = options.port or free_port(options.host)
+        print(f"starting bentoml serve ({tag}) on {options.host}:{port} ...", file=sys.stderr)
+        rows: list[Row] = []
+        server = stack.enter_context(
+            serving(options.host, port, env, workdir / "server.log", options.stop_timeout)
+        )
+        cold = server.wait_ready(options.ready_timeout)
+        print(f"ready after {cold:.1f} s", file=sys.stderr)
+        for scenario in options.scenarios:
+            print(
+                f"{scenario.name} concurrency {scenario.concurrency}: {options.warmup} s warm-up"
+                f" + {options.duration} s ({tool}) ...",
+                file=sys.stderr,
+            )
+            rows.append(
+                run_scenario(
+                    server,
+                    scenario,
+                    bodies[scenario.endpoint, scenario.images],
+                    tool,
+                    options,
+                    workdir,
+                )
+            )
+            print(render_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+        report = Report(
+            rows=rows,
+            cold_start_s=cold,
+            model=shown,
+            images_source=source,
+            client_tool=(
+                "`wrk -t1` + `bench/post_multipart.lua`"
+                if tool == "wrk"
+                else "Python aiohttp (`bench/loadgen.py`; wrk not installed)"
+            ),
+            settings=settings,
+            load_before=load_before,
+            started=started,
+            duration_s=options.duration,
+            warmup_s=options.warmup,
+        )
+        report.stopped = server.stop(options.stop_timeout)
+    return report
+
+
+def _loopback(text: str) -> str:
+    if not ipaddress.ip_address(text).is_loopback:
+        raise argparse.ArgumentTypeError(f"{text} is not a loopback address")
+    return text
+
+
+def _bounded(low: int, high: int) -> Any:
+    def convert(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {value}")
+        return value
+
+    return convert
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    """Parse the command line into :class:`Options` (``--help`` lists the flags)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serving",
+        description="Benchmark `bentoml serve service:Classifier` on loopback.",
+    )
+    parser.add_argument("--tiny", action="store_true", help="random simple_cnn in a temp store")
+    parser.add_argument(
+        "--bentoml-home",
+        type=Path,
+        default=Path(os.environ.get("BENTOML_HOME", PROJECT_ROOT / "bentoml_home")),
+        help="BentoML store holding the imported model (default: $BENTOML_HOME or ./bentoml_home)",
+    )
+    parser.add_argument("--model-tag", help="default: model_tag in configs/serving.yaml")
+    parser.add_argument(
+        "--scenarios",
+        default=DEFAULT_SCENARIOS,
+        help="endpoint:concurrency[:images],... (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--duration", type=_bounded(1, MAX_DURATION_S), default=15, help="seconds per scenario"
+    )
+    parser.add_argument(
+        "--warmup", type=_bounded(0, MAX_WARMUP_S), default=2, help="warm-up seconds per scenario"
+    )
+    parser.add_argument("--images", type=_bounded(1, 10_000), default=512, help="distinct images")
+    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--host", type=_loopback, default="127.0.0.1", help="loopback address")
+    parser.add_argument("--port", type=_bounded(0, 65535), default=0, help="0 = a free port")
+    parser.add_argument(
+        "--workers", type=_bounded(1, 64), default=None, help="override serving workers"
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
+    parser.add_argument("--ready-timeout", type=float, default=180.0, help="cold start limit (s)")
+    parser.add_argument("--stop-timeout", type=float, default=20.0, help="SIGTERM → SIGKILL (s)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="Markdown file to write (default: docs/benchmarks-serving.md); '-' = none",
+    )
+    parser.add_argument("--work-dir", type=Path, help="keep bodies and server log here")
+    args = parser.parse_args(argv)
+    try:
+        scenarios = parse_scenarios(args.scenarios)
+    except BenchError as exc:
+        parser.error(str(exc))
+    return Options(
+        tiny=args.tiny,
+        bentoml_home=args.bentoml_home.resolve(),
+        model_tag=args.model_tag,
+        scenarios=scenarios,
+        duration=args.duration,
+        warmup=args.warmup,
+        images=args.images,
+        client=args.client,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        timeout=args.timeout,
+        ready_timeout=args.ready_timeout,
+        stop_timeout=args.stop_timeout,
+        output=None if str(args.output) == "-" else args.output,
+        work_dir=args.work_dir,
+    )
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark, print the page and write it to ``--output``; 1 on failure."""
+    options = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        report = run(options)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; server stopped", file=sys.stderr)
+        return 130
+    page = render_markdown(report, machine_info())
+    print(page)
+    if options.output is not None:
+        options.output.parent.mkdir(parents=True, exist_ok=True)
+        options.output.write_text(page)
+        print(f"written to {options.output}", file=sys.stderr)
+    failing = [r.scenario.name for r in report.rows if r.error_count]
+    if failing:
+        print(
+            f"error: requests failed in {len(failing)} scenario(s); see the table", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
