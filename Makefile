@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 APT_PACKAGES := dataset-fashion-mnist wrk
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
-.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve clean help
+.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve openapi clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ run: setup train promote import serve  ## the main job: set up, train, promote, 
 
 bench-serve: setup  ## benchmark the imported model under load → docs/benchmarks-serving.md (BENCH_ARGS=--tiny)
 	$(PY) -m bench.serving $(BENCH_ARGS)
+
+openapi: setup  ## export the service's OpenAPI schema to docs/openapi.json (no model needed)
+	$(PY) scripts/export_openapi.py
 
 mlflow: setup  ## MLflow UI/server on 127.0.0.1 over the embedded store
 	$(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \

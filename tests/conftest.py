@@ -24,8 +24,9 @@ Fixtures (all function-scoped, everything written below the test's ``tmp_path``)
     keep a test hermetic and fast, then the test's own ``overrides`` (which win):
     ``data.path`` = :func:`fmnist_dir`, ``data.debian_path`` and ``data.download_root`` inside
     ``tmp_path``, ``data.allow_download=false``, ``data.stats_path``, ``tracking.store_dir`` and
-    ``train.checkpoint_dir`` inside ``tmp_path``, ``train.epochs=1``, ``model.width=4``,
-    ``train.progress=false``. It first removes ``MLFLOW_TRACKING_URI``,
+    ``train.checkpoint_dir`` inside ``tmp_path``, ``train.epochs=1``, ``model.name=simple_cnn``,
+    ``model.width=4``,
+    ``train.progress=false``, ``train.channels_last=false``. It first removes ``MLFLOW_TRACKING_URI``,
     ``FASHION_SERVE_CONFIG_DIR`` and every ``FASHION_SERVE__*`` variable (via ``monkeypatch``,
     so they come back after the test). Paths: ``tmp_path / "mlflow"``, ``"checkpoints"``,
     ``"artifacts/data_stats.json"``.
@@ -226,8 +227,12 @@ def make_settings(
         f"tracking.store_dir={_quoted(tmp_path / 'mlflow')}",
         f"train.checkpoint_dir={_quoted(tmp_path / 'checkpoints')}",
         "train.epochs=1",
+        "model.name=simple_cnn",
         "model.width=4",
         "train.progress=false",
+        # torch 2.14.1 on CPU corrupts the heap in the backward pass of a channels_last 1x1
+        # stride-2 conv with 4 input channels (resnet_small at width 4).
+        "train.channels_last=false",
     ]
 
     def make(*overrides: str, preset: Path | None = None) -> Settings:

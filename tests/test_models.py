@@ -355,3 +355,22 @@ def test_model_size_counts_parameters_and_buffers() -> None:
     # weight, bias, running_mean, running_var (float32) + num_batches_tracked (int64)
     assert model_size_mb(nn.BatchNorm1d(4)) == pytest.approx((16 * 4 + 8) / 1e6)
     assert model_size_mb(nn.Linear(3, 2).double()) == pytest.approx(8 * 8 / 1e6)
+
+
+def test_flip_tta_averages_the_mirror_in_eval_mode_only() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="simple_cnn", width=4, flip_tta=True)
+    model = build_model(cfg, PreprocessSpec(), 10)
+    x = torch.rand(3, 1, 28, 28) * 255
+    model.eval()
+    with torch.no_grad():
+        normalised = x * model.scale + model.shift
+        expected = (model.backbone(normalised) + model.backbone(normalised.flip(-1))) / 2
+        torch.testing.assert_close(model(x), expected)
+        # A mirrored input gives the same answer: the average is symmetric.
+        torch.testing.assert_close(model(x.flip(-1)), model(x), rtol=1e-5, atol=1e-5)
+    model.train()
+    with torch.no_grad():
+        single = model.backbone(x * model.scale + model.shift)
+    model.eval()
+    assert not torch.allclose(single, expected)

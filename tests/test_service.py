@@ -794,3 +794,43 @@ def test_bentoml_build_packages_the_model_without_torch(bento_home: Path, tmp_pa
     requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text().lower()
     assert "onnxruntime" in requirements
     assert "torch" not in requirements and "mlflow" not in requirements
+
+
+# --------------------------------------------------------------------------- OpenAPI schema
+
+
+def stable_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` without the fields that change with the BentoML version, not with our API."""
+    info = {k: v for k, v in schema["info"].items() if k not in {"description", "version"}}
+    return {**schema, "info": info}
+
+
+def test_openapi_file_matches_the_live_service(http: httpx.Client, tmp_path: Path) -> None:
+    """``docs/openapi.json`` is what ``make openapi`` writes now, and what the server answers."""
+    committed = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    exported = tmp_path / "openapi.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export_openapi.py"), "--output", str(exported)],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    stale = "docs/openapi.json is stale: run make openapi"
+    assert stable_schema(json.loads(exported.read_text())) == stable_schema(committed), stale
+    live = http.get("/docs.json")
+    assert live.status_code == 200
+    assert stable_schema(live.json()) == stable_schema(committed), stale
+    assert {"/predict", "/batch_predict"} <= set(committed["paths"])
+    assert committed["info"]["title"] == "Classifier"
+
+
+def test_api_reference_lists_every_error_kind() -> None:
+    """Each (status, kind) the gate can answer has its row in docs/api.md's error table."""
+    source = (ROOT / "service.py").read_text()
+    raised = set(re.findall(r'BadInputError\(\s*(\d{3}),\s*"(\w+)"', source))
+    decoded = {(str(status), kind) for kind, status in service._DECODE_STATUS.items()}
+    assert len(raised) >= 10 and len(decoded) == 5
+    reference = (ROOT / "docs" / "api.md").read_text()
+    rows = set(re.findall(r"^\| (\d{3}) \| `(\w+)` \|", reference, flags=re.M))
+    assert raised | decoded == rows

@@ -73,6 +73,11 @@ class ModelConfig(_Section):
     input_size: int | None = Field(
         None, ge=16, le=512, description="Upscale inputs to this size inside the network."
     )
+    flip_tta: bool = Field(
+        False,
+        description="In eval mode average the logits of the image and its mirror image "
+        "(inside the network, so the exported model does the same).",
+    )
 
 
 class TrainConfig(_Section):

@@ -36,6 +36,7 @@ class Classifier(nn.Module):
         in_channels: int,
         backbone_channels: int,
         input_size: int | None,
+        flip_tta: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -49,6 +50,7 @@ class Classifier(nn.Module):
         self.register_buffer("shift", -mean_t / std_t)
         self.repeat = backbone_channels // in_channels
         self.input_size = input_size
+        self.flip_tta = flip_tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.repeat > 1:
@@ -59,6 +61,9 @@ class Classifier(nn.Module):
             )
         x = x * self.scale + self.shift
         out: torch.Tensor = self.backbone(x)
+        if self.flip_tta and not self.training:
+            # Test-time augmentation: training sees flipped images, so the mirror is as valid.
+            out = (out + self.backbone(x.flip(-1))) / 2
         return out
 
 
@@ -364,7 +369,9 @@ def build_model(cfg: ModelConfig, spec: PreprocessSpec, num_classes: int) -> Cla
     else:
         mean, std = spec.mean, spec.std
     input_size = cfg.input_size or arch.default_input_size
-    return Classifier(backbone, mean, std, spec.channels, backbone_channels, input_size)
+    return Classifier(
+        backbone, mean, std, spec.channels, backbone_channels, input_size, cfg.flip_tta
+    )
 
 
 def count_parameters(model: nn.Module) -> int:
