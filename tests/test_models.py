@@ -374,3 +374,10 @@ def test_flip_tta_averages_the_mirror_in_eval_mode_only() -> None:
         single = model.backbone(x * model.scale + model.shift)
     model.eval()
     assert not torch.allclose(single, expected)
+
+
+def test_models_pickled_before_flip_tta_still_run() -> None:
+    model = build_model(ModelConfig(name="simple_cnn", width=4), PreprocessSpec(), 10).eval()
+    del model.__dict__["flip_tta"]  # as unpickled from a run logged before the option existed
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)

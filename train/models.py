@@ -28,6 +28,9 @@ class ModelError(RuntimeError):
 class Classifier(nn.Module):
     """Normalisation + optional channel replication/resize + backbone."""
 
+    #: Class-level default so models pickled before the option existed still load and run.
+    flip_tta: bool = False
+
     def __init__(
         self,
         backbone: nn.Module,
