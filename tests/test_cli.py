@@ -21,7 +21,9 @@ def _args(settings: Settings) -> list[str]:
         f"tracking.store_dir={settings.tracking.store_dir}",
         f"train.checkpoint_dir={settings.train.checkpoint_dir}",
         "train.epochs=1",
+        "model.name=simple_cnn",
         "model.width=4",
+        "train.channels_last=false",
         "train.progress=false",
     ]
 
