@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 import service
+from tests.serving_helpers import bentoml_serve
 from train.config import ExportConfig, ModelConfig
 from train.export import import_to_bento
 from train.models import build_model
@@ -51,7 +51,6 @@ LIMITS = {
     "max_images_per_batch": 4,
     "inline_decode_max_bytes": 2_000,
 }
-READY_TIMEOUT_S = 120.0
 #: The bentoml.Service that ``@bentoml.service`` made of the class (mypy sees the plain class).
 CLASSIFIER: Any = service.Classifier
 
@@ -149,20 +148,11 @@ class Served:
 
     url: str
     log: Path
-    process: subprocess.Popen[bytes]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
 def served(bento_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """``bentoml serve service:Classifier`` on a free port, one worker, test limits."""
-    port = free_port()
     log = tmp_path_factory.mktemp("served") / "server.log"
     env = {
         **os.environ,
@@ -171,39 +161,8 @@ def served(bento_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "FASHION_SERVE_SERVING__WORKERS": "1",
         **{f"FASHION_SERVE_SERVING__LIMITS__{k.upper()}": str(v) for k, v in LIMITS.items()},
     }
-    bentoml_cli = Path(sys.executable).parent / "bentoml"
-    command = [str(bentoml_cli), "serve", "service:Classifier", "--host", "127.0.0.1"]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready in {READY_TIMEOUT_S}s:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield Served(url, log, process)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    with bentoml_serve(env, log) as url:
+        yield Served(url, log)
 
 
 @pytest.fixture(scope="module")

@@ -14,23 +14,18 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from tests.serving_helpers import bentoml_serve
 from train.__main__ import main
 from train.config import ExportConfig, load_settings
 from train.export import LABEL_NAME, model_store
@@ -41,7 +36,6 @@ EXAMPLE = ROOT / "examples" / "shapes"
 SHAPES = ["circle", "square", "triangle"]
 PYTHON = ".venv/bin/python"
 GUIDE_URL = "http://127.0.0.1:3000"
-READY_TIMEOUT_S = 120.0
 
 
 def guide_blocks(language: str) -> list[str]:
@@ -107,52 +101,6 @@ def test_preset_keeps_away_from_the_fashion_champion(monkeypatch: pytest.MonkeyP
     for section, values in shown.items():
         for key, value in values.items():
             assert preset[section][key] == value, f"{section}.{key}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def bentoml_serve(env: dict[str, str], log: Path) -> Iterator[str]:
-    """``bentoml serve service:Classifier`` (what ``make serve`` runs) on a free port; its URL."""
-    port = free_port()
-    bentoml_cli = Path(sys.executable).parent / "bentoml"
-    command = [str(bentoml_cli), "serve", "service:Classifier", "--host", "127.0.0.1"]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready in {READY_TIMEOUT_S}s:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.mark.slow
