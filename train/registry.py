@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlflow
-from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -60,14 +59,8 @@ class Promotion:
 
 def candidates(settings: Settings) -> list[Candidate]:
     """Finished runs with a logged model and the metric, best first (ties: smaller model first)."""
-    experiment_id = tracking.connect(settings.tracking)
     metric = settings.registry.metric
-    runs: list[Run] = mlflow.search_runs(
-        experiment_ids=[experiment_id],
-        filter_string="attributes.status = 'FINISHED'",
-        max_results=settings.registry.max_runs,
-        output_format="list",
-    )
+    runs = tracking.finished_runs(settings.tracking, settings.registry.max_runs)
     found = [
         Candidate(
             run_id=run.info.run_id,

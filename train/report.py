@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 from mlflow.entities import Run
 
 from train import tracking
@@ -24,13 +23,8 @@ HEADER = (
 
 def best_runs(settings: Settings) -> list[Run]:
     """The best finished run (by the registry metric) of each architecture."""
-    experiment_id = tracking.connect(settings.tracking)
     metric = settings.registry.metric
-    runs: list[Run] = mlflow.search_runs(
-        experiment_ids=[experiment_id],
-        filter_string="attributes.status = 'FINISHED'",
-        output_format="list",
-    )
+    runs = tracking.finished_runs(settings.tracking, settings.registry.max_runs)
     best: dict[str, Run] = {}
     for run in runs:
         arch = run.data.tags.get("architecture")

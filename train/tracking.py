@@ -18,6 +18,7 @@ from typing import Any
 import mlflow
 import numpy as np
 from matplotlib.figure import Figure
+from mlflow.entities import Run
 from mlflow.models import infer_signature
 from torch import nn
 
@@ -63,6 +64,18 @@ def connect(cfg: TrackingConfig) -> str:
     if experiment is not None:
         return str(experiment.experiment_id)
     return str(mlflow.create_experiment(cfg.experiment_name, artifact_location=artifact_location))
+
+
+def finished_runs(cfg: TrackingConfig, max_results: int) -> list[Run]:
+    """The configured experiment's finished runs (connecting first), newest first."""
+    experiment_id = connect(cfg)
+    runs: list[Run] = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string="attributes.status = 'FINISHED'",
+        max_results=max_results,
+        output_format="list",
+    )
+    return runs
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
