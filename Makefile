@@ -9,10 +9,17 @@ PORT ?= 3000
 HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 BENCH_ARGS ?=
+DEMO_DIR ?= artifacts/demo
+DEMO_PORT ?= $(PORT)
+DEMO_RUN ?= make run PORT=$(DEMO_PORT)
+DEMO_TEST ?= make test
+SCREENSHOT_IMAGE ?= $(DEMO_DIR)/ankle-boot.png
 APT_PACKAGES := dataset-fashion-mnist wrk
+# headless browser test of the Swagger UI, and make demo (terminal recording → GIF)
+APT_PACKAGES += chromium chromium-driver tmux imagemagick fonts-dejavu-core
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
-.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve openapi clean help
+.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve openapi screenshots demo clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -57,6 +64,20 @@ bench-serve: setup  ## benchmark the imported model under load → docs/benchmar
 
 openapi: setup  ## export the service's OpenAPI schema to docs/openapi.json (no model needed)
 	$(PY) scripts/export_openapi.py
+
+screenshots: setup  ## Swagger UI in headless Chromium predicting with the imported model → docs/swagger-*.png
+	$(PY) scripts/demo.py sample-image $(SCREENSHOT_IMAGE)
+	SWAGGER_BENTOML_HOME=$(BENTOML_HOME) SWAGGER_IMAGE=$(SCREENSHOT_IMAGE) SWAGGER_SCREENSHOT_DIR=docs \
+	  $(PY) -m pytest tests/test_swagger_ui.py -q -p no:cacheprovider
+
+demo: setup  ## record `make run` and `make test` (real runs, tmux) + Swagger screenshots → docs/demo.gif
+	$(PY) scripts/demo.py sample-image $(SCREENSHOT_IMAGE)
+	$(PY) scripts/demo.py record --out $(DEMO_DIR)/run --ready-url http://$(HOST):$(DEMO_PORT)/readyz \
+	  --probe-image $(SCREENSHOT_IMAGE) -- $(DEMO_RUN)
+	$(MAKE) screenshots
+	$(PY) scripts/demo.py record --out $(DEMO_DIR)/test -- $(DEMO_TEST)
+	$(PY) scripts/demo.py assemble --out docs/demo.gif $(DEMO_DIR)/run \
+	  docs/swagger-endpoints.png docs/swagger-predict.png $(DEMO_DIR)/test
 
 mlflow: setup  ## MLflow UI/server on 127.0.0.1 over the embedded store
 	$(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
