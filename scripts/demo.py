@@ -301,8 +301,13 @@ def render(snapshot: Snapshot, title: str, style: Style, out: Path) -> Path:
     image = Image.new("RGB", style.frame_size(), BACKGROUND)
     draw = ImageDraw.Draw(image)
     draw.rectangle((0, 0, image.width, style.title_height()), fill=TITLE_BACKGROUND)
-    heading = f"{title}   [{clock(snapshot.elapsed_s)} elapsed]"
-    draw.text((style.padding, style.padding // 2 + 1), heading, font=font, fill=TITLE_FOREGROUND)
+    stamp = f"{clock(snapshot.elapsed_s)} elapsed"
+    room = style.columns - len(stamp) - 2
+    heading = title if len(title) <= room else title[: room - 1] + "…"
+    baseline = style.padding // 2 + 1
+    draw.text((style.padding, baseline), heading, font=font, fill=TITLE_FOREGROUND)
+    stamp_x = image.width - style.padding - round(font.getlength(stamp))
+    draw.text((stamp_x, baseline), stamp, font=font, fill=TITLE_FOREGROUND)
     top = style.title_height() + style.padding
     for row, line in enumerate(snapshot.text.splitlines()[: style.rows]):
         colour = PROMPT if line.startswith("$ ") else FOREGROUND
