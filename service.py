@@ -4,7 +4,8 @@ Serving must not import torch or MLflow; it uses :mod:`train.preprocess` (numpy,
 
 How a request flows:
 
-1. :class:`UploadGate`, an ASGI middleware in front of the two routes, reads the body (byte limit),
+1. :class:`UploadGate`, an ASGI middleware in front of the two routes, checks the optional API key
+   (:class:`ApiKeyGuard`, ``auth`` in the settings; 401 before the body is read), reads the body (byte limit),
    parses ``multipart/form-data`` itself (python-multipart, no temp files), accepts uploaded
    files only, decodes each image from its bytes (format sniffed, EXIF, JPEG draft, pixel limit)
    and turns it into model input. Every client mistake ends here as a 4xx JSON body

@@ -140,6 +140,15 @@ def test_request_timeout_and_limits_come_from_the_config() -> None:
     assert 0 < limits.max_images_per_batch <= 256
 
 
+def test_the_only_model_is_the_configured_tag_from_the_bentoml_store() -> None:
+    """No endpoint or setting loads a model from elsewhere (a path, a URL, a pickle)."""
+    settings = service.load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
+    models = service.Classifier.models  # type: ignore[attr-defined]
+    assert [(type(m).__name__, str(m.tag)) for m in models] == [("BentoModel", settings.model_tag)]
+    routes = set(service.Classifier.apis)  # type: ignore[attr-defined]
+    assert routes == {"predict", "batch_predict"}
+
+
 # --------------------------------------------------------------------------- a served process
 
 

@@ -744,6 +744,9 @@ def test_bentoml_build_packages_the_model_without_torch(bento_home: Path, tmp_pa
     files = {p.relative_to(bento_dir / "src").as_posix() for p in (bento_dir / "src").rglob("*.py")}
     assert {"service.py", "train/preprocess.py", "train/settings_io.py"} <= files
     assert "train/models.py" not in files
+    # The container BentoML generates runs as its own unprivileged user, never as root.
+    dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
+    assert re.findall(r"^USER (\S+)", dockerfile, flags=re.M)[-1] == "bentoml"
     requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text().lower()
     assert "onnxruntime" in requirements
     assert "torch" not in requirements and "mlflow" not in requirements

@@ -61,6 +61,7 @@ def test_verdict_needs_zero_errors_and_bounded_growth() -> None:
 
     assert report([1000, 1050]).passed
     assert report([1000, 1050]).rss_growth == pytest.approx(0.05)
+    assert report([1100, 1155]).late_rss_growth == pytest.approx(0.05)
     assert not report([1000, 1150]).passed
     assert not report([1000, 1000], errors=1).passed
     assert not report([1000], server={'fashion_serve_errors_total{kind="http_503"}': 2}).passed
