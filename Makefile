@@ -8,18 +8,24 @@ CONFIG_FLAG := $(if $(CONFIG),--config $(CONFIG),)
 PORT ?= 3000
 HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
+# mlflow server: loopback only, and Host headers / CORS origins limited to it (DNS rebinding).
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_ALLOWED_HOSTS ?= localhost,127.0.0.1,localhost:$(MLFLOW_PORT),127.0.0.1:$(MLFLOW_PORT)
+MLFLOW_CORS_ORIGINS ?= http://localhost:$(MLFLOW_PORT),http://127.0.0.1:$(MLFLOW_PORT)
+MLFLOW_STORE ?= $(CURDIR)/mlflow
 BENCH_ARGS ?=
 DEMO_DIR ?= artifacts/demo
 DEMO_PORT ?= $(PORT)
 DEMO_RUN ?= make run PORT=$(DEMO_PORT)
 DEMO_TEST ?= make test
 SCREENSHOT_IMAGE ?= $(DEMO_DIR)/ankle-boot.png
+SOAK_ARGS ?=
 APT_PACKAGES := dataset-fashion-mnist wrk
 # headless browser test of the Swagger UI, and make demo (terminal recording → GIF)
 APT_PACKAGES += chromium chromium-driver tmux imagemagick fonts-dejavu-core
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
-.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve openapi screenshots demo clean help
+.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve openapi soak screenshots demo clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -62,6 +68,9 @@ run: setup train promote import serve  ## the main job: set up, train, promote, 
 bench-serve: setup  ## benchmark the imported model under load → docs/benchmarks-serving.md (BENCH_ARGS=--tiny)
 	$(PY) -m bench.serving $(BENCH_ARGS)
 
+soak: setup  ## /predict + /batch_predict at concurrency 64 for configs/soak.yaml's duration (SOAK_ARGS=--tiny)
+	$(PY) -m bench.soak $(SOAK_ARGS)
+
 openapi: setup  ## export the service's OpenAPI schema to docs/openapi.json (no model needed)
 	$(PY) scripts/export_openapi.py
 
@@ -79,10 +88,11 @@ demo: setup  ## record `make run` and `make test` (real runs, tmux) + Swagger sc
 	$(PY) scripts/demo.py assemble --out docs/demo.gif $(DEMO_DIR)/run \
 	  docs/swagger-endpoints.png docs/swagger-predict.png $(DEMO_DIR)/test
 
-mlflow: setup  ## MLflow UI/server on 127.0.0.1 over the embedded store
-	$(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
-	  --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
-	  --artifacts-destination $(CURDIR)/mlflow/artifacts
+mlflow: setup  ## MLflow UI/server on 127.0.0.1 over the embedded store (allowed hosts: loopback)
+	$(VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+	  --allowed-hosts '$(MLFLOW_ALLOWED_HOSTS)' --cors-allowed-origins '$(MLFLOW_CORS_ORIGINS)' \
+	  --backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db \
+	  --artifacts-destination $(MLFLOW_STORE)/artifacts
 
 lint: setup  ## ruff check + format check
 	$(VENV)/bin/ruff check .

@@ -4,7 +4,8 @@ Serving must not import torch or MLflow; it uses :mod:`train.preprocess` (numpy,
 
 How a request flows:
 
-1. :class:`UploadGate`, an ASGI middleware in front of the two routes, reads the body (byte limit),
+1. :class:`UploadGate`, an ASGI middleware in front of the two routes, checks the optional API key
+   (:class:`ApiKeyGuard`, ``auth`` in the settings; 401 before the body is read), reads the body (byte limit),
    parses ``multipart/form-data`` itself (python-multipart, no temp files), accepts uploaded
    files only, decodes each image from its bytes (format sniffed, EXIF, JPEG draft, pixel limit)
    and turns it into model input. Every client mistake ends here as a 4xx JSON body
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hmac
 import json
 import logging
 import os
@@ -107,6 +109,25 @@ class LimitSettings(_Strict):
     )
 
 
+class AuthSettings(_Strict):
+    """Optional API key for the prediction endpoints (off by default)."""
+
+    enabled: bool = False
+    key_env: str = Field(
+        "FASHION_SERVE_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the key; the key is never in a file or a log.",
+    )
+    header: str = Field(
+        "x-api-key",
+        pattern=r"^[A-Za-z0-9-]+$",
+        description="Request header carrying the key (``Authorization: Bearer`` works too).",
+    )
+    min_key_length: int = Field(16, ge=1, description="Shorter keys refuse to start.")
+    protect_health: bool = Field(False, description="Also require the key on /livez, /readyz.")
+    protect_metrics: bool = Field(False, description="Also require the key on /metrics.")
+
+
 class ServingSettings(_Strict):
     """Everything ``service.py`` reads from ``configs/serving.yaml``."""
 
@@ -125,6 +146,7 @@ class ServingSettings(_Strict):
     )
     log_level: str = Field(pattern=r"^(TRACE|DEBUG|INFO|SUCCESS|WARNING|ERROR|CRITICAL)$")
     access_log: bool
+    auth: AuthSettings = AuthSettings()
 
 
 #: ``configs/serving.yaml`` or an override is wrong; the message names the key.
@@ -639,16 +661,92 @@ async def read_body(receive: Receive, headers: Mapping[bytes, bytes], limit: int
             return b"".join(chunks)
 
 
+_HEALTH_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+
+
+class ApiKeyGuard:
+    """The optional API key check (``auth`` in ``configs/serving.yaml``), used by the gate.
+
+    The key is read once from the environment variable the settings name; it is compared in
+    constant time and never logged or echoed.
+    """
+
+    def __init__(self, settings: AuthSettings, environ: Mapping[str, str]) -> None:
+        """Read the key; refuse to start when auth is on and the key is missing or short.
+
+        Raises:
+            ServingConfigError: ``auth.enabled`` without a usable key (the message names the
+                variable, never its value).
+        """
+        self.enabled = settings.enabled
+        self.header = settings.header.lower().encode("ascii")
+        key = environ.get(settings.key_env, "") if settings.enabled else ""
+        if settings.enabled and len(key) < settings.min_key_length:
+            raise ServingConfigError(
+                f"auth.enabled is true but environment variable {settings.key_env} is unset or "
+                f"shorter than auth.min_key_length ({settings.min_key_length}) characters"
+            )
+        self._key = key.encode()
+        self.paths = frozenset(_ROUTES) | (
+            _HEALTH_PATHS if settings.protect_health else frozenset()
+        )
+        if settings.protect_metrics:
+            self.paths |= {"/metrics"}
+
+    def protects(self, path: str) -> bool:
+        """Whether a request to ``path`` needs the key."""
+        return self.enabled and path in self.paths
+
+    def check(self, path: str, headers: Mapping[bytes, bytes]) -> None:
+        """Let the request through, or raise a 401 when the key is missing or wrong.
+
+        Raises:
+            BadInputError: 401 ``unauthorized``.
+        """
+        if not self.protects(path):
+            return
+        supplied = headers.get(self.header)
+        if supplied is None:
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            supplied = token.strip() if scheme.lower() == b"bearer" else b""
+        if not hmac.compare_digest(supplied, self._key):
+            raise BadInputError(
+                401,
+                "unauthorized",
+                f"missing or wrong API key: send it in the {self.header.decode()} header "
+                "(or Authorization: Bearer)",
+            )
+
+
+#: Built at import, so ``bentoml serve`` stops at once when auth is on without a key.
+API_KEY_GUARD = ApiKeyGuard(SETTINGS.auth, os.environ)
+
+
+async def send_error(send: Send, error: BadInputError) -> None:
+    """Answer ``error`` as its status with an :class:`ErrorBody`."""
+    body = ErrorBody(error=str(error), kind=error.kind).model_dump_json().encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class UploadGate:
     """ASGI middleware owning ``/predict`` and ``/batch_predict`` request parsing and logging."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, guard: ApiKeyGuard | None = None) -> None:
         self.app = app
+        self.guard = guard or API_KEY_GUARD
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Parse and validate the upload, then hand the pixels to BentoML's endpoint."""
         route = _ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
         if route is None or scope["method"] != "POST":
+            if scope["type"] == "http":
+                try:
+                    self.guard.check(scope["path"], dict(scope["headers"]))
+                except BadInputError as exc:
+                    await send_error(send, exc)
+                    return
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -673,6 +771,7 @@ class UploadGate:
         exchange: Exchange | None = None
         error: BadInputError | None = None
         try:
+            self.guard.check(endpoint, headers)
             body = await read_body(receive, headers, runtime.limits.max_upload_bytes)
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             parts = parse_multipart(body, content_type, field_name)

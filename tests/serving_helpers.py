@@ -1,4 +1,11 @@
-"""Start a real ``bentoml serve service:Classifier`` for HTTP tests (what ``make serve`` runs)."""
+"""Helpers for HTTP tests of the service: a tiny imported model and a real ``bentoml serve``.
+
+``tiny_model(seed)`` builds a random ``resnet_small`` (width 4, 3 classes), ``import_tiny(model,
+home, version)`` stores it in the BentoML home ``home`` the way ``make import`` does, and
+``serve_env(home, **settings)`` is the environment for ``bentoml_serve`` with
+``FASHION_SERVE_SERVING__*`` overrides (``limits={"max_pixels": 10}`` becomes
+``FASHION_SERVE_SERVING__LIMITS__MAX_PIXELS=10``).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +18,57 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import torch
+
+from train.config import ExportConfig, ModelConfig
+from train.export import import_to_bento
+from train.models import build_model
+from train.preprocess import PreprocessSpec, to_model_input
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 120.0
+TINY_CLASSES = ["shirt", "shoe", "bag"]
+TINY_SPEC = PreprocessSpec()
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    """A random ``resnet_small`` (width 4) for :data:`TINY_CLASSES`, in eval mode."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(name="resnet_small", width=4), TINY_SPEC, len(TINY_CLASSES))
+    return model.eval()
+
+
+def import_tiny(model: torch.nn.Module, home: Path, version: str = "1") -> str:
+    """Import ``model`` as registered version ``version`` into the BentoML home ``home``; its tag."""
+    rng = np.random.default_rng(0)
+    parity = to_model_input(list(rng.integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)))
+    lineage = {"registered_name": "fashion-classifier", "version": version, "run_id": f"r{version}"}
+    tag = import_to_bento(
+        model, TINY_CLASSES, TINY_SPEC, lineage, parity, ExportConfig(bentoml_home=home)
+    )
+    return str(tag)
+
+
+def serve_env(home: Path, **settings: Any) -> dict[str, str]:
+    """The environment for :func:`bentoml_serve`: the store at ``home`` plus serving overrides."""
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                flatten(f"{prefix}__{key.upper()}", inner)
+        else:
+            env[prefix] = str(value).lower() if isinstance(value, bool) else str(value)
+
+    for key, value in settings.items():
+        flatten(f"FASHION_SERVE_SERVING__{key.upper()}", value)
+    return env
 
 
 def free_port() -> int:

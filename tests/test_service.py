@@ -36,15 +36,13 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 import service
+from tests import serving_helpers
 from tests.serving_helpers import bentoml_serve
-from train.config import ExportConfig, ModelConfig
-from train.export import import_to_bento
-from train.models import build_model
-from train.preprocess import PreprocessSpec, prepare_image, softmax, to_model_input
+from train.preprocess import prepare_image, softmax, to_model_input
 
 ROOT = Path(__file__).resolve().parent.parent
-CLASSES = ["shirt", "shoe", "bag"]
-SPEC = PreprocessSpec()
+CLASSES = serving_helpers.TINY_CLASSES
+SPEC = serving_helpers.TINY_SPEC
 LIMITS = {
     "max_upload_bytes": 200_000,
     "max_pixels": 1_000_000,
@@ -95,8 +93,7 @@ def expected_scores(model: torch.nn.Module, images: list[bytes]) -> NDArray[np.f
 
 @pytest.fixture(scope="module")
 def tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model(ModelConfig(name="resnet_small", width=4), SPEC, num_classes=3).eval()
+    return serving_helpers.tiny_model(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +102,7 @@ def bento_home(
 ) -> Iterator[Path]:
     """A BentoML home holding the tiny model, made BentoML's store for this module."""
     home = tmp_path_factory.mktemp("bentoml")
-    rng = np.random.default_rng(0)
-    parity = to_model_input(list(rng.integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)))
-    lineage = {"registered_name": "fashion-classifier", "version": "1", "run_id": "r1"}
-    import_to_bento(tiny_model, CLASSES, SPEC, lineage, parity, ExportConfig(bentoml_home=home))
+    serving_helpers.import_tiny(tiny_model, home)
     with BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))):
         yield home
 
@@ -750,6 +744,9 @@ def test_bentoml_build_packages_the_model_without_torch(bento_home: Path, tmp_pa
     files = {p.relative_to(bento_dir / "src").as_posix() for p in (bento_dir / "src").rglob("*.py")}
     assert {"service.py", "train/preprocess.py", "train/settings_io.py"} <= files
     assert "train/models.py" not in files
+    # The container BentoML generates runs as its own unprivileged user, never as root.
+    dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
+    assert re.findall(r"^USER (\S+)", dockerfile, flags=re.M)[-1] == "bentoml"
     requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text().lower()
     assert "onnxruntime" in requirements
     assert "torch" not in requirements and "mlflow" not in requirements
