@@ -9,7 +9,7 @@ PORT ?= 3000
 HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 BENCH_ARGS ?=
-APT_PACKAGES := dataset-fashion-mnist wrk
+APT_PACKAGES := dataset-fashion-mnist wrk prometheus
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
 .PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve openapi clean help
