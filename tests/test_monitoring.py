@@ -180,7 +180,7 @@ def test_drift_monitor_scores_its_window(reference: Reference, settings: AlertSe
 def test_healthy_traffic_fires_nothing(reference: Reference, settings: AlertSettings) -> None:
     start = NOW - timedelta(minutes=5)
     results = evaluate_alerts(
-        requests_like(100, start), predictions_like(100, 3, start), reference, settings, NOW
+        requests_like(300, start), predictions_like(300, 3, start), reference, settings, NOW
     )
     assert [r.name for r in results] == ["error_rate", "p99_latency", "drift", "no_traffic"]
     assert not any(r.firing for r in results), [r.line() for r in results]
@@ -190,7 +190,7 @@ def test_healthy_traffic_fires_nothing(reference: Reference, settings: AlertSett
 def test_each_rule_fires(reference: Reference, settings: AlertSettings) -> None:
     start = NOW - timedelta(minutes=5)
     requests = requests_like(80, start) + requests_like(20, start, status=503, latency_ms=5000.0)
-    inverted = predictions_like(100, 4, start, 255 - dark_pixels(100, 4))
+    inverted = predictions_like(300, 4, start, 255 - dark_pixels(300, 4))
     results = by_name(evaluate_alerts(requests, inverted, reference, settings, NOW))
     assert results["error_rate"].firing and results["error_rate"].value == pytest.approx(0.2)
     assert results["p99_latency"].firing and results["p99_latency"].value == 5000.0
@@ -211,7 +211,8 @@ def test_too_few_samples_never_fire(reference: Reference, settings: AlertSetting
     results = by_name(evaluate_alerts(requests, inverted, reference, settings, NOW))
     assert not results["error_rate"].firing and "needs 20 requests" in results["error_rate"].detail
     assert not results["p99_latency"].firing
-    assert not results["drift"].firing and "needs 50 predictions" in results["drift"].detail
+    needs = f"needs {settings.rules.drift.min_predictions} predictions"
+    assert not results["drift"].firing and needs in results["drift"].detail
     no_reference = by_name(evaluate_alerts(requests, inverted, None, settings, NOW))
     assert "no reference" in no_reference["drift"].detail
 
@@ -245,7 +246,7 @@ def test_alerts_command(
 ) -> None:
     start = NOW - timedelta(minutes=5)
     write_jsonl(tmp_path / "service.worker-1.jsonl", requests_like(60, start))
-    healthy = write_jsonl(tmp_path / "predictions.worker-1.jsonl", predictions_like(60, 6, start))
+    healthy = write_jsonl(tmp_path / "predictions.worker-1.jsonl", predictions_like(300, 6, start))
     ref = reference.save(tmp_path / "reference.json")
     args = ["alerts", "--logs", str(tmp_path / "service.*"), "--reference", str(ref)]
     assert main([*args, "--predictions", str(healthy), "--now", NOW.isoformat()]) == 0
@@ -254,7 +255,7 @@ def test_alerts_command(
     assert "ok     drift" in out and "FIRING" not in out
 
     drifted = write_jsonl(
-        tmp_path / "drifted.jsonl", predictions_like(60, 7, start, 255 - dark_pixels(60, 7))
+        tmp_path / "drifted.jsonl", predictions_like(300, 7, start, 255 - dark_pixels(300, 7))
     )
     assert main([*args, "--predictions", str(drifted), "--now", NOW.isoformat()]) == 1
     assert "FIRING drift: max PSI" in capsys.readouterr().out

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC = PreprocessSpec()
 NORMAL = 80
 DRIFTED = 80
+MIN_PREDICTIONS = 50
 
 
 def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -114,6 +115,8 @@ def test_drift_raises_the_alert_and_the_dashboard_shows_it(
             logs / "predictions.{worker}.jsonl"
         ),
         "FASHION_SERVE_ALERTS__DRIFT__EVERY": "10",
+        # The tiny model's features sit in one or two bins each, so few predictions suffice.
+        "FASHION_SERVE_ALERTS__RULES__DRIFT__MIN_PREDICTIONS": str(MIN_PREDICTIONS),
     }
     alerts = [
         "-m",
@@ -172,6 +175,7 @@ def test_drift_raises_the_alert_and_the_dashboard_shows_it(
     }  # fmt: skip
     assert (line["width"], line["height"]) == (28, 28)
 
+    monkeypatch.setenv("FASHION_SERVE_ALERTS__RULES__DRIFT__MIN_PREDICTIONS", str(MIN_PREDICTIONS))
     monkeypatch.setenv("FASHION_SERVE_DASHBOARD_LOGS", str(logs / "service.*"))
     monkeypatch.setenv("FASHION_SERVE_DASHBOARD_PREDICTIONS", str(logs / "predictions.*"))
     monkeypatch.setenv("FASHION_SERVE_DASHBOARD_METRICS", str(metrics_file))
