@@ -386,9 +386,17 @@ def _json_line(record: loguru.Record) -> str:
     return json.dumps(entry, default=str)
 
 
+def _cached_json_line(record: loguru.Record) -> str:
+    # The stream and the file sink see the same ``extra``: serialise each record once.
+    line: str | None = record["extra"].get("json")
+    if line is None:
+        line = record["extra"]["json"] = _json_line(record)
+    return line
+
+
 def _file_format(record: loguru.Record) -> str:
     # loguru formats the returned template with the record, so the JSON travels in ``extra``.
-    record["extra"]["json"] = _json_line(record)
+    _cached_json_line(record)
     return "{extra[json]}\n"
 
 
@@ -428,7 +436,7 @@ def configure_logging(settings: LoggingSettings, worker: str | None = None) -> N
     if stream is not None:
 
         def write(message: loguru.Message) -> None:
-            stream.write(_json_line(message.record) + "\n")
+            stream.write(_cached_json_line(message.record) + "\n")
 
         logger.add(write, level=settings.level, filter=_is_log)
     for spec, level, keep in (

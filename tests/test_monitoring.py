@@ -400,3 +400,12 @@ def test_cli_module_runs_without_torch(tmp_path: Path) -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_worker_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bentoml._internal.context import server_context
+
+    monkeypatch.setattr(server_context, "worker_index", None)
+    assert monitoring.worker_name().startswith("pid-")
+    monkeypatch.setattr(server_context, "worker_index", 3)
+    assert monitoring.worker_name() == "worker-3"

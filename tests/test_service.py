@@ -826,3 +826,56 @@ def test_api_reference_lists_every_error_kind() -> None:
     reference = (ROOT / "docs" / "api.md").read_text()
     rows = set(re.findall(r"^\| (\d{3}) \| `(\w+)` \|", reference, flags=re.M))
     assert raised | decoded == rows
+
+
+# --------------------------------------------------------------------------- monitoring
+
+
+def test_prediction_data_and_drift_gauge(svc: Any, log_files: Path) -> None:
+    """Each image gets a prediction-data line; a shifted window moves the PSI gauge."""
+    import prometheus_client
+
+    from train.monitoring import DriftMonitor, build_reference
+
+    runtime: service.ModelRuntime = svc.runtime
+    rng = np.random.default_rng(0)
+    dark = rng.integers(0, 30, size=(300, 1, 28, 28)).astype(np.float32)
+    probabilities = np.array([list(p.scores.values()) for p in runtime.predict(dark)])
+    reference = build_reference(
+        probabilities, np.zeros(300, dtype=np.int64), dark, CLASSES, {"28x28": 300}, "dark", 300
+    )
+    uploads = [service.Upload("images", f"{i}.png", image_bytes(seed=i)) for i in range(8)]
+    sizes: list[tuple[int, int]] = []
+    pixels = runtime.prepare(uploads, "images", sizes)
+    assert sizes == [(28, 28)] * 8
+
+    def send(request_id: str) -> None:
+        exchange = service.Exchange(request_id, "/batch_predict", pixels, sizes)
+        exchange.predictions = runtime.predict(pixels)
+        exchange.handed = exchange.predictions[0]._batch_started
+        service.record_predictions(exchange, runtime)
+
+    runtime.drift = DriftMonitor(reference, service.ALERTS.drift)
+    try:
+        for i in range(service.ALERTS.rules.drift.min_predictions // 8 + 1):
+            send(f"drift-{i}")
+        runtime.drift, runtime.prediction_data = None, False
+        send("unrecorded")
+    finally:
+        runtime.drift, runtime.prediction_data = None, True
+    brightness_psi = prometheus_client.REGISTRY.get_sample_value(
+        "fashion_serve_drift_psi", {"feature": "brightness"}
+    )
+    assert brightness_psi is not None
+    assert brightness_psi > service.ALERTS.rules.drift.psi_threshold
+    logger.complete()  # the file sinks write from a queue
+    lines = [
+        json.loads(line)
+        for path in log_files.glob("predictions.*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    first = [entry for entry in lines if entry["request_id"] == "drift-0"]
+    assert len(first) == 8
+    assert {(e["width"], e["height"]) for e in first} == {(28, 28)}
+    assert all(0.3 < e["brightness"] < 0.7 and 0 <= e["margin"] <= 1 for e in first)
+    assert not any(entry["request_id"] == "unrecorded" for entry in lines)
