@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 APT_PACKAGES := dataset-fashion-mnist wrk prometheus
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
-.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve openapi clean help
+.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve openapi alerts alert-rules clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -57,6 +57,12 @@ bench-serve: setup  ## benchmark the imported model under load → docs/benchmar
 
 openapi: setup  ## export the service's OpenAPI schema to docs/openapi.json (no model needed)
 	$(PY) scripts/export_openapi.py
+
+alerts: setup  ## evaluate configs/alerts.yaml over the service's logs (exit 1 when an alert fires)
+	$(PY) -m train alerts
+
+alert-rules: setup  ## write deploy/prometheus/alerts.yml from configs/alerts.yaml
+	$(PY) -m train alert-rules
 
 mlflow: setup  ## MLflow UI/server on 127.0.0.1 over the embedded store
 	$(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
