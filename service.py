@@ -61,7 +61,7 @@ from train.monitoring import (
     Reference,
     brightness,
     load_alert_settings,
-    prediction_record,
+    prediction_lines,
     score_margin,
     worker_name,
 )
@@ -427,8 +427,9 @@ def configure_logging(settings: LoggingSettings, worker: str | None = None) -> N
     Stdlib loggers keep BentoML's levels (root at WARNING, ``bentoml`` at ``settings.level``), so
     uvicorn's access log stays off. Files are per worker process (``{worker}`` in the path):
     BentoML's workers are separate processes, each with its own loguru, and loguru's rotation
-    is only safe with one writer per file. ``enqueue=True`` moves the file writes and rotation
-    to loguru's writer thread, off the event loop.
+    is only safe with one writer per file. Each file's ``enqueue`` setting chooses between a
+    line-buffered write in the request (default: cheaper, see ``bench/monitoring_overhead.py``)
+    and loguru's writer thread (for slow disks).
     """
     worker = worker or worker_name()
     logger.remove()
@@ -438,7 +439,8 @@ def configure_logging(settings: LoggingSettings, worker: str | None = None) -> N
         def write(message: loguru.Message) -> None:
             stream.write(_cached_json_line(message.record) + "\n")
 
-        logger.add(write, level=settings.level, filter=_is_log)
+        # format="{message}": the JSON is built from the record, loguru's own text is unused.
+        logger.add(write, level=settings.level, filter=_is_log, format="{message}")
     for spec, level, keep in (
         (settings.file, settings.level, _is_log),
         (settings.predictions, 0, _is_prediction_data),
@@ -455,7 +457,7 @@ def configure_logging(settings: LoggingSettings, worker: str | None = None) -> N
                 rotation=spec.rotation,
                 retention=spec.retention,
                 compression=spec.compression,
-                enqueue=True,
+                enqueue=spec.enqueue,
             )
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
     for name in list(logging.root.manager.loggerDict):
@@ -479,34 +481,25 @@ def record_predictions(exchange: Exchange, runtime: ModelRuntime) -> None:
     margins = [score_margin(p.scores.values()) for p in predictions]
     lights = brightness(exchange.pixels).tolist()
     if runtime.prediction_data:
-        now = datetime.now(UTC).isoformat()
-        lines = [
-            json.dumps(
-                {
-                    "time": now,
-                    **prediction_record(
-                        request_id=exchange.request_id,
-                        endpoint=exchange.endpoint,
-                        label=p.label,
-                        class_id=p.class_id,
-                        confidence=p.confidence,
-                        margin=margin,
-                        image_brightness=light,
-                        size=size,
-                    ),
-                }
-            )
-            for p, margin, light, size in zip(
-                predictions, margins, lights, exchange.sizes, strict=True
-            )
-        ]
-        # One message per request: one queue hop for all of its images.
-        logger.bind(prediction_data=True).info("{}", "\n".join(lines))
+        lines = prediction_lines(
+            datetime.now(UTC).isoformat(),
+            exchange.request_id,
+            exchange.endpoint,
+            (
+                (p.label, p.class_id, p.confidence, margin, light, size)
+                for p, margin, light, size in zip(
+                    predictions, margins, lights, exchange.sizes, strict=True
+                )
+            ),
+        )
+        # One message per request for all of its images.
+        logger.bind(prediction_data=True).info("{}", lines)
     drift = runtime.drift
     if drift is not None:
-        for p, margin, light in zip(predictions, margins, lights, strict=True):
-            drift.add(p.class_id, p.confidence, margin, light)
-        if drift.due() and len(drift.window) >= ALERTS.rules.drift.min_predictions:
+        drift.add_many(
+            [p.class_id for p in predictions], [p.confidence for p in predictions], margins, lights
+        )
+        if drift.due() and drift.count >= ALERTS.rules.drift.min_predictions:
             for feature, value in drift.scores().items():
                 runtime.metrics.drift_psi.labels(feature=feature).set(value)
 

@@ -157,6 +157,24 @@ def test_drift_settings_need_increasing_bins(settings: AlertSettings) -> None:
         monitoring.DriftSettings.model_validate(bad)
 
 
+def test_drift_monitor_adds_one_or_many(reference: Reference, settings: AlertSettings) -> None:
+    """A batch written at once, wrapping around the ring, equals the same predictions one by one."""
+    small = settings.drift.model_copy(update={"window": 10, "every": 4})
+    one, many = DriftMonitor(reference, small), DriftMonitor(reference, small)
+    entries = predictions_like(27, seed=9, start=NOW)
+    for entry in entries:
+        one.add(entry["class_id"], entry["confidence"], entry["margin"], entry["brightness"])
+    for chunk in (entries[:3], entries[3:17], entries[17:]):
+        many.add_many(
+            [e["class_id"] for e in chunk],
+            [e["confidence"] for e in chunk],
+            [e["margin"] for e in chunk],
+            [e["brightness"] for e in chunk],
+        )
+    assert one.count == many.count == 10 and one.due() and many.due()
+    assert one.scores() == many.scores()
+
+
 def test_drift_monitor_scores_its_window(reference: Reference, settings: AlertSettings) -> None:
     drift = DriftMonitor(reference, settings.drift)
     for entry in predictions_like(settings.drift.every, seed=1, start=NOW):
@@ -409,3 +427,27 @@ def test_worker_name(monkeypatch: pytest.MonkeyPatch) -> None:
     assert monitoring.worker_name().startswith("pid-")
     monkeypatch.setattr(server_context, "worker_index", 3)
     assert monitoring.worker_name() == "worker-3"
+
+
+def test_prediction_lines_follow_the_record_schema() -> None:
+    rows = [
+        ("T-shirt/top", 0, 0.912345678, 0.5, 0.25, (28, 28)),
+        ('say "hi"', 3, 1.0, 0.0, 1.0, (640, 480)),
+    ]
+    text = monitoring.prediction_lines("2026-01-01T12:00:00+00:00", "abc", "/batch_predict", rows)
+    parsed = [json.loads(line) for line in text.split("\n")]
+    expected = [
+        {"time": "2026-01-01T12:00:00+00:00"}
+        | monitoring.prediction_record(
+            request_id="abc",
+            endpoint="/batch_predict",
+            label=label,
+            class_id=class_id,
+            confidence=confidence,
+            margin=margin,
+            image_brightness=light,
+            size=size,
+        )
+        for label, class_id, confidence, margin, light, size in rows
+    ]
+    assert parsed == expected

@@ -16,13 +16,13 @@ It imports numpy, pydantic and PyYAML only, so the serving image can carry it.
 
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import json
 import math
 import os
 import re
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -65,6 +65,10 @@ class LogFileSettings(_Strict):
     rotation: str = Field(description="loguru rotation, e.g. '100 MB' or '1 day'.")
     retention: str = Field(description="loguru retention, e.g. '7 days' or '10 files'.")
     compression: str | None = Field(None, description="e.g. 'gz' for rotated files.")
+    enqueue: bool = Field(
+        False,
+        description="Write from loguru's thread (true) or in the request, line-buffered (false).",
+    )
 
     def for_worker(self, worker: str) -> Path:
         """The file of one worker; relative paths are below the project root."""
@@ -154,6 +158,40 @@ def prediction_record(
     }
 
 
+@functools.lru_cache(maxsize=4096)
+def _json_string(value: str) -> str:
+    return json.dumps(value)
+
+
+def prediction_lines(
+    time: str,
+    request_id: str,
+    endpoint: str,
+    predictions: Iterable[tuple[str, int, float, float, float, tuple[int, int]]],
+) -> str:
+    """The prediction-data JSON lines of one request, joined by newlines.
+
+    Same schema as :func:`prediction_record` (plus ``time``), formatted directly: this runs for
+    every served image, and building and encoding a dict per image costs several times more.
+
+    Args:
+        time: ISO timestamp of the response.
+        request_id: The request's id.
+        endpoint: ``/predict`` or ``/batch_predict``.
+        predictions: ``(label, class_id, confidence, margin, brightness, (width, height))`` each.
+    """
+    head = (
+        f'{{"time": {_json_string(time)}, "request_id": {_json_string(request_id)}, '
+        f'"endpoint": {_json_string(endpoint)}, "label": '
+    )
+    return "\n".join(
+        f'{head}{_json_string(label)}, "class_id": {class_id}, "confidence": {confidence:.5f}, '
+        f'"margin": {margin:.5f}, "brightness": {light:.5f}, "width": {size[0]}, '
+        f'"height": {size[1]}}}'
+        for label, class_id, confidence, margin, light, size in predictions
+    )
+
+
 # --------------------------------------------------------------------------- reference
 
 
@@ -241,8 +279,10 @@ def histogram_shares(
     values: Sequence[float] | NDArray[Any], edges: Sequence[float]
 ) -> NDArray[Any]:
     """Shares of ``values`` in the bins ``edges`` (values outside go to the end bins)."""
-    clipped = np.clip(np.asarray(values, dtype=np.float64), edges[0], edges[-1])
-    counts, _ = np.histogram(clipped, bins=np.asarray(edges, dtype=np.float64))
+    bins = len(edges) - 1
+    # Bin i holds edges[i] <= v < edges[i + 1]; the last bin also holds edges[-1].
+    index = np.searchsorted(np.asarray(edges, dtype=np.float64), values, side="right") - 1
+    counts = np.bincount(np.clip(index, 0, bins - 1), minlength=bins)
     return np.asarray(counts / max(1, counts.sum()), dtype=np.float64)
 
 
@@ -345,18 +385,49 @@ def drift_scores(
 
 
 class DriftMonitor:
-    """The service's rolling window of recent predictions and its PSI per feature."""
+    """The service's rolling window of recent predictions and its PSI per feature.
+
+    Cheap on the request path: :meth:`add` writes four numbers into ring buffers, and the
+    reference's bin shares are computed once here, not on every :meth:`scores`.
+    """
 
     def __init__(self, reference: Reference, settings: DriftSettings) -> None:
         self.reference = reference
         self.settings = settings
-        self.window: deque[tuple[int, float, float, float]] = deque(maxlen=settings.window)
+        self._columns = np.zeros((4, settings.window), dtype=np.float64)
+        self._next = 0
+        self.count = 0  # predictions in the window (at most ``settings.window``)
         self._since = 0
+        self._expected = {
+            name: histogram_shares(reference.samples.get(name, []), settings.bins[name])
+            for name in NUMERIC_FEATURES
+        }
+        self._expected_mix = np.asarray(
+            [reference.class_mix.get(n, 0.0) for n in reference.class_names]
+        )
 
     def add(self, class_id: int, confidence: float, margin: float, image_brightness: float) -> None:
-        """Remember one prediction."""
-        self.window.append((class_id, confidence, margin, image_brightness))
+        """Remember one prediction (the oldest one drops out of a full window)."""
+        self._columns[:, self._next] = (class_id, confidence, margin, image_brightness)
+        self._next = (self._next + 1) % self.settings.window
+        self.count = min(self.count + 1, self.settings.window)
         self._since += 1
+
+    def add_many(
+        self,
+        class_ids: Sequence[int],
+        confidences: Sequence[float],
+        margins: Sequence[float],
+        lights: Sequence[float],
+    ) -> None:
+        """Remember the predictions of one request at once (one numpy write, not one per image)."""
+        size = self.settings.window
+        rows = np.asarray([class_ids, confidences, margins, lights], dtype=np.float64)[:, -size:]
+        count = rows.shape[1]
+        self._columns[:, (self._next + np.arange(count)) % size] = rows
+        self._next = (self._next + count) % size
+        self.count = min(self.count + count, size)
+        self._since += len(class_ids)
 
     def due(self) -> bool:
         """Whether ``every`` predictions arrived since the last :meth:`scores`."""
@@ -365,16 +436,20 @@ class DriftMonitor:
     def scores(self) -> dict[str, float]:
         """PSI per feature (and ``class_mix``) over the window."""
         self._since = 0
-        columns = np.asarray(self.window, dtype=np.float64).reshape(-1, 4)
-        features = {
-            "confidence": columns[:, 1],
-            "margin": columns[:, 2],
-            "brightness": columns[:, 3],
+        window = self._columns[:, : self.count]
+        epsilon = self.settings.psi_epsilon
+        result = {
+            name: psi(
+                self._expected[name],
+                histogram_shares(window[row], self.settings.bins[name]),
+                epsilon,
+            )
+            for row, name in enumerate(NUMERIC_FEATURES, start=1)
         }
-        drifts = drift_scores(
-            self.reference, columns[:, 0].astype(np.int64), features, self.settings, with_ks=False
-        )
-        return {d.feature: d.psi for d in drifts}
+        classes = len(self._expected_mix)
+        counts = np.bincount(window[0].astype(np.int64), minlength=classes)[:classes]
+        result["class_mix"] = psi(self._expected_mix, counts / max(1, counts.sum()), epsilon)
+        return result
 
 
 # --------------------------------------------------------------------------- alert settings
