@@ -468,16 +468,21 @@ def configure_logging(settings: LoggingSettings, worker: str | None = None) -> N
     logging.getLogger("bentoml").setLevel(settings.level)
 
 
-def record_predictions(exchange: Exchange, runtime: ModelRuntime) -> None:
-    """Queue time, one prediction-data line per image, and the drift window, after a response."""
+def record_predictions(exchange: Exchange, runtime: ModelRuntime) -> float | None:
+    """Queue time, one prediction-data line per image, and the drift window, after a response.
+
+    Returns:
+        The request's queue time in seconds (None if its batch start is unknown).
+    """
     predictions = exchange.predictions
     if not predictions:
-        return
-    queued = predictions[0]._batch_started - exchange.handed
-    if queued >= 0:
+        return None
+    batch_started = predictions[0]._batch_started
+    queued = batch_started - exchange.handed if batch_started >= exchange.handed else None
+    if queued is not None:
         runtime.metrics.queue_seconds.observe(queued)
     if not runtime.prediction_data and runtime.drift is None:
-        return
+        return queued
     margins = [score_margin(p.scores.values()) for p in predictions]
     lights = brightness(exchange.pixels).tolist()
     if runtime.prediction_data:
@@ -502,6 +507,7 @@ def record_predictions(exchange: Exchange, runtime: ModelRuntime) -> None:
         if drift.due() and drift.count >= ALERTS.rules.drift.min_predictions:
             for feature, value in drift.scores().items():
                 runtime.metrics.drift_psi.labels(feature=feature).set(value)
+    return queued
 
 
 # --------------------------------------------------------------------------- parsing
@@ -859,17 +865,14 @@ class UploadGate:
         runtime.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
         runtime.metrics.request_seconds.observe(latency)
         predictions = exchange.predictions if exchange else []
-        queue_ms = None
-        if exchange is not None and predictions:
-            queue_ms = round((predictions[0]._batch_started - exchange.handed) * 1000, 3)
-            record_predictions(exchange, runtime)
+        queued = None if exchange is None else record_predictions(exchange, runtime)
         logger.bind(
             logger="fashion_serve.request",
             request_id=request_id,
             endpoint=endpoint,
             status=status,
             latency_ms=round(latency * 1000, 3),
-            queue_ms=queue_ms,
+            queue_ms=None if queued is None else round(queued * 1000, 3),
             images=0 if exchange is None else len(exchange.pixels),
             labels=[p.label for p in predictions],
             confidences=[round(p.confidence, 4) for p in predictions],

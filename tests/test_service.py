@@ -849,18 +849,19 @@ def test_prediction_data_and_drift_gauge(svc: Any, log_files: Path) -> None:
     pixels = runtime.prepare(uploads, "images", sizes)
     assert sizes == [(28, 28)] * 8
 
-    def send(request_id: str) -> None:
+    def send(request_id: str, handed_after_batch: bool = False) -> float | None:
         exchange = service.Exchange(request_id, "/batch_predict", pixels, sizes)
         exchange.predictions = runtime.predict(pixels)
-        exchange.handed = exchange.predictions[0]._batch_started
-        service.record_predictions(exchange, runtime)
+        exchange.handed = exchange.predictions[0]._batch_started + (1 if handed_after_batch else 0)
+        return service.record_predictions(exchange, runtime)
 
     runtime.drift = DriftMonitor(reference, service.ALERTS.drift)
     try:
         for i in range(service.ALERTS.rules.drift.min_predictions // 8 + 1):
             send(f"drift-{i}")
         runtime.drift, runtime.prediction_data = None, False
-        send("unrecorded")
+        assert send("unrecorded") == 0.0
+        assert send("unrecorded", handed_after_batch=True) is None  # not a real queue time
     finally:
         runtime.drift, runtime.prediction_data = None, True
     brightness_psi = prometheus_client.REGISTRY.get_sample_value(
