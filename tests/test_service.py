@@ -179,10 +179,6 @@ def served(bento_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "BENTOML_HOME": str(bento_home),
         "BENTOML_DO_NOT_TRACK": "True",
         "FASHION_SERVE_SERVING__WORKERS": "1",
-        "FASHION_SERVE_SERVING__LOGGING__FILE__PATH": str(log.parent / "service.{worker}.jsonl"),
-        "FASHION_SERVE_SERVING__LOGGING__PREDICTIONS__PATH": str(
-            log.parent / "predictions.{worker}.jsonl"
-        ),
         **{f"FASHION_SERVE_SERVING__LIMITS__{k.upper()}": str(v) for k, v in LIMITS.items()},
     }
     with bentoml_serve(env, log) as url:
