@@ -876,3 +876,31 @@ def test_prediction_data_and_drift_gauge(svc: Any, log_files: Path) -> None:
     assert {(e["width"], e["height"]) for e in first} == {(28, 28)}
     assert all(0.3 < e["brightness"] < 0.7 and 0 <= e["margin"] <= 1 for e in first)
     assert not any(entry["request_id"] == "unrecorded" for entry in lines)
+
+
+def test_log_files_rotate_and_are_read_back_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rotation from the settings splits the worker's file; the readers glob every piece."""
+    from train.monitoring import expand, request_entries
+
+    logging_settings = service.SETTINGS.logging
+    settings = logging_settings.model_copy(
+        update={
+            "stream": "stdout",
+            "file": logging_settings.file.model_copy(
+                update={"path": str(tmp_path / "service.{worker}.jsonl"), "rotation": "2 KB"}
+            ),
+            "predictions": logging_settings.predictions.model_copy(update={"enabled": False}),
+        }
+    )
+    service.configure_logging(settings, worker="worker-7")
+    for i in range(40):
+        logger.bind(logger="fashion_serve.request", request_id=f"rot-{i}", status=200).info("x")
+    logger.complete()
+    files = expand([settings.file.pattern()])
+    assert len(files) > 2 and all(f.name.startswith("service.worker-7.") for f in files)
+    ids = sorted(int(e["request_id"].split("-")[1]) for e in request_entries(files))
+    assert ids == list(range(40))
+    streamed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["request_id"] for e in streamed] == [f"rot-{i}" for i in range(40)]
