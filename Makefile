@@ -21,11 +21,13 @@ DEMO_TEST ?= make test
 SCREENSHOT_IMAGE ?= $(DEMO_DIR)/ankle-boot.png
 SOAK_ARGS ?=
 APT_PACKAGES := dataset-fashion-mnist wrk
+# promtool checks the Prometheus alert rules in the tests
+APT_PACKAGES += prometheus
 # headless browser test of the Swagger UI, and make demo (terminal recording → GIF)
 APT_PACKAGES += chromium chromium-driver tmux imagemagick fonts-dejavu-core
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
-.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve openapi soak screenshots demo clean help
+.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve openapi soak screenshots demo alerts alert-rules clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -87,6 +89,12 @@ demo: setup  ## record `make run` and `make test` (real runs, tmux) + Swagger sc
 	$(PY) scripts/demo.py record --out $(DEMO_DIR)/test -- $(DEMO_TEST)
 	$(PY) scripts/demo.py assemble --out docs/demo.gif $(DEMO_DIR)/run \
 	  docs/swagger-endpoints.png docs/swagger-predict.png $(DEMO_DIR)/test
+
+alerts: setup  ## evaluate configs/alerts.yaml over the service's logs (exit 1 when an alert fires)
+	$(PY) -m train alerts
+
+alert-rules: setup  ## write deploy/prometheus/alerts.yml from configs/alerts.yaml
+	$(PY) -m train alert-rules
 
 mlflow: setup  ## MLflow UI/server on 127.0.0.1 over the embedded store (allowed hosts: loopback)
 	$(VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \

@@ -18,7 +18,9 @@ How a request flows:
    latency budgets). ``/predict`` is batched like ``/batch_predict``; its response is unwrapped to
    one object.
 4. The gate writes one JSON log line per request (loguru; BentoML's stdlib logging goes to the
-   same sink) and the service records Prometheus metrics that BentoML serves on ``/metrics``.
+   same sinks: a stream and a rotated file per worker) and one JSON line per prediction for drift
+   (:mod:`train.monitoring`), and the service records Prometheus metrics that BentoML serves on
+   ``/metrics`` (``docs/monitoring.md`` lists them).
 
 Settings come from ``configs/serving.yaml`` with ``FASHION_SERVE_SERVING__KEY`` overrides.
 """
@@ -37,6 +39,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
@@ -49,10 +52,21 @@ from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
 from loguru import logger
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from train.monitoring import (
+    REFERENCE_FILE,
+    DriftMonitor,
+    LoggingSettings,
+    Reference,
+    brightness,
+    load_alert_settings,
+    prediction_lines,
+    score_margin,
+    worker_name,
+)
 from train.preprocess import (
     ImageDecodeError,
     PreprocessSpec,
@@ -144,7 +158,7 @@ class ServingSettings(_Strict):
     tracing_excluded_urls: list[str] = Field(
         description="URL patterns without OpenTelemetry spans (spans cost per request)."
     )
-    log_level: str = Field(pattern=r"^(TRACE|DEBUG|INFO|SUCCESS|WARNING|ERROR|CRITICAL)$")
+    logging: LoggingSettings
     access_log: bool
     auth: AuthSettings = AuthSettings()
 
@@ -179,6 +193,8 @@ def load_serving_settings(
 
 
 SETTINGS = load_serving_settings()
+#: ``configs/alerts.yaml``: the service uses its ``drift`` section for the drift gauges.
+ALERTS = load_alert_settings()
 
 # --------------------------------------------------------------------------- API models
 
@@ -190,6 +206,8 @@ class Prediction(BaseModel):
     class_id: int = Field(description="Index of ``label`` in the model's classes.")
     confidence: float = Field(description="Probability of ``label``.")
     scores: dict[str, float] = Field(description="Probability of every class.")
+    # perf_counter() when this prediction's batch reached ONNX Runtime (queue-time metric).
+    _batch_started: float = PrivateAttr(default=0.0)
 
 
 class ErrorBody(BaseModel):
@@ -224,7 +242,9 @@ class Exchange:
     request_id: str
     endpoint: str
     pixels: NDArray[np.float32]
+    sizes: list[tuple[int, int]]
     predictions: list[Prediction] = field(default_factory=list)
+    handed: float = 0.0  # perf_counter() when the gate handed the request to BentoML
 
 
 _EXCHANGE: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar(
@@ -308,6 +328,10 @@ class ServiceMetrics:
     inference_seconds: prometheus_client.Histogram
     batch_size: prometheus_client.Histogram
     errors: prometheus_client.Counter
+    queue_seconds: prometheus_client.Histogram
+    requests: prometheus_client.Counter
+    request_seconds: prometheus_client.Histogram
+    drift_psi: prometheus_client.Gauge
 
 
 @functools.cache
@@ -346,21 +370,64 @@ def service_metrics() -> ServiceMetrics:
         errors=prom.Counter(
             "fashion_serve_errors", "Failed requests by kind.", ["endpoint", "kind"]
         ),
+        queue_seconds=prom.Histogram(
+            "fashion_serve_queue_seconds",
+            "From the gate handing a request to BentoML to its batch reaching ONNX Runtime.",
+            buckets=seconds,
+        ),
+        requests=prom.Counter(
+            "fashion_serve_requests",
+            "Requests by endpoint and HTTP status.",
+            ["endpoint", "status"],
+        ),
+        request_seconds=prom.Histogram(
+            "fashion_serve_request_seconds",
+            "Request latency measured by the gate (body read to response sent).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        ),
+        # livemax: the worst worker wins, and a worker that exited stops counting.
+        drift_psi=prom.Gauge(
+            "fashion_serve_drift_psi",
+            "PSI of recent predictions against the model's validation reference, by feature.",
+            ["feature"],
+            multiprocess_mode="livemax",
+        ),
     )
 
 
-def _json_sink(message: loguru.Message) -> None:
-    record = message.record
+def _json_line(record: loguru.Record) -> str:
     entry: dict[str, Any] = {
         "time": record["time"].isoformat(),
         "level": record["level"].name,
         "logger": record["extra"].get("logger", record["name"]),
         "message": record["message"],
     }
-    entry.update((k, v) for k, v in record["extra"].items() if k != "logger")
+    entry.update((k, v) for k, v in record["extra"].items() if k not in ("logger", "json"))
     if record["exception"] is not None:
         entry["exception"] = repr(record["exception"].value)
-    sys.stderr.write(json.dumps(entry, default=str) + "\n")
+    return json.dumps(entry, default=str)
+
+
+def _cached_json_line(record: loguru.Record) -> str:
+    # The stream and the file sink see the same ``extra``: serialise each record once.
+    line: str | None = record["extra"].get("json")
+    if line is None:
+        line = record["extra"]["json"] = _json_line(record)
+    return line
+
+
+def _file_format(record: loguru.Record) -> str:
+    # loguru formats the returned template with the record, so the JSON travels in ``extra``.
+    _cached_json_line(record)
+    return "{extra[json]}\n"
+
+
+def _is_prediction_data(record: loguru.Record) -> bool:
+    return "prediction_data" in record["extra"]
+
+
+def _is_log(record: loguru.Record) -> bool:
+    return "prediction_data" not in record["extra"]
 
 
 class _InterceptHandler(logging.Handler):
@@ -376,21 +443,93 @@ class _InterceptHandler(logging.Handler):
         )
 
 
-def configure_logging(level: str) -> None:
-    """One JSON line per log record on stderr, for loguru and stdlib logging alike.
+def configure_logging(settings: LoggingSettings, worker: str | None = None) -> None:
+    """JSON log lines to the stream and the worker's log file; prediction data to its own file.
 
-    Stdlib loggers keep BentoML's levels (root at WARNING, ``bentoml`` at ``level``), so uvicorn's
-    access log stays off.
+    Stdlib loggers keep BentoML's levels (root at WARNING, ``bentoml`` at ``settings.level``), so
+    uvicorn's access log stays off. Files are per worker process (``{worker}`` in the path):
+    BentoML's workers are separate processes, each with its own loguru, and loguru's rotation
+    is only safe with one writer per file. Each file's ``enqueue`` setting chooses between a
+    line-buffered write in the request (default: cheaper, see ``bench/monitoring_overhead.py``)
+    and loguru's writer thread (for slow disks).
     """
+    worker = worker or worker_name()
     logger.remove()
-    logger.add(_json_sink, level=level)
+    stream = {"stdout": sys.stdout, "stderr": sys.stderr}.get(settings.stream)
+    if stream is not None:
+
+        def write(message: loguru.Message) -> None:
+            stream.write(_cached_json_line(message.record) + "\n")
+
+        # format="{message}": the JSON is built from the record, loguru's own text is unused.
+        logger.add(write, level=settings.level, filter=_is_log, format="{message}")
+    for spec, level, keep in (
+        (settings.file, settings.level, _is_log),
+        (settings.predictions, 0, _is_prediction_data),
+    ):
+        if spec.enabled:
+            path = spec.for_worker(worker)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            logger.add(
+                path,
+                level=level,
+                filter=keep,
+                # A str format gets loguru's "\n{exception}" appended: no newline of our own.
+                format=_file_format if keep is _is_log else "{message}",
+                rotation=spec.rotation,
+                retention=spec.retention,
+                compression=spec.compression,
+                enqueue=spec.enqueue,
+            )
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(("bentoml", "uvicorn", "circus")):
             named = logging.getLogger(name)
             named.handlers = []
             named.propagate = True
-    logging.getLogger("bentoml").setLevel(level)
+    logging.getLogger("bentoml").setLevel(settings.level)
+
+
+def record_predictions(exchange: Exchange, runtime: ModelRuntime) -> float | None:
+    """Queue time, one prediction-data line per image, and the drift window, after a response.
+
+    Returns:
+        The request's queue time in seconds (None if its batch start is unknown).
+    """
+    predictions = exchange.predictions
+    if not predictions:
+        return None
+    batch_started = predictions[0]._batch_started
+    queued = batch_started - exchange.handed if batch_started >= exchange.handed else None
+    if queued is not None:
+        runtime.metrics.queue_seconds.observe(queued)
+    if not runtime.prediction_data and runtime.drift is None:
+        return queued
+    margins = [score_margin(p.scores.values()) for p in predictions]
+    lights = brightness(exchange.pixels).tolist()
+    if runtime.prediction_data:
+        lines = prediction_lines(
+            datetime.now(UTC).isoformat(),
+            exchange.request_id,
+            exchange.endpoint,
+            (
+                (p.label, p.class_id, p.confidence, margin, light, size)
+                for p, margin, light, size in zip(
+                    predictions, margins, lights, exchange.sizes, strict=True
+                )
+            ),
+        )
+        # One message per request for all of its images.
+        logger.bind(prediction_data=True).info("{}", lines)
+    drift = runtime.drift
+    if drift is not None:
+        drift.add_many(
+            [p.class_id for p in predictions], [p.confidence for p in predictions], margins, lights
+        )
+        if drift.due() and drift.count >= ALERTS.rules.drift.min_predictions:
+            for feature, value in drift.scores().items():
+                runtime.metrics.drift_psi.labels(feature=feature).set(value)
+    return queued
 
 
 # --------------------------------------------------------------------------- parsing
@@ -546,6 +685,9 @@ class ModelRuntime:
         self.spec = spec
         self.limits = settings.limits
         self.metrics = service_metrics()
+        # Monitoring: prediction-data lines, and the drift window (needs the model's reference).
+        self.prediction_data = settings.logging.predictions.enabled
+        self.drift: DriftMonitor | None = None
         # The first run allocates; do it before the first request.
         self.session.run([OUTPUT_NAME], {INPUT_NAME: self.blank(1)})
 
@@ -565,8 +707,18 @@ class ModelRuntime:
         side = self.spec.image_size
         return np.zeros((count, self.spec.channels, side, side), dtype=np.float32)
 
-    def prepare(self, files: Sequence[Upload], field_name: str) -> NDArray[np.float32]:
+    def prepare(
+        self,
+        files: Sequence[Upload],
+        field_name: str,
+        sizes: list[tuple[int, int]] | None = None,
+    ) -> NDArray[np.float32]:
         """Decode and convert uploaded files into one model-input array.
+
+        Args:
+            files: The uploaded files.
+            field_name: Their form field, for error messages.
+            sizes: If given, receives each image's decoded (width, height), for drift data.
 
         Raises:
             BadInputError: a file that is empty, not an accepted image, truncated or too large.
@@ -585,6 +737,8 @@ class ModelRuntime:
                     _DECODE_STATUS.get(exc.kind, 422), exc.kind, f"{where(index, upload)}: {exc}"
                 ) from exc
             decoded = time.perf_counter()
+            if sizes is not None:
+                sizes.append(image.size)
             try:
                 arrays.append(prepare_image(image, self.spec))
             except Exception as exc:
@@ -608,14 +762,14 @@ class ModelRuntime:
         names = self.class_names
         predictions = []
         for row, class_id in zip(probabilities.tolist(), class_ids.tolist(), strict=True):
-            predictions.append(
-                Prediction(
-                    label=names[class_id],
-                    class_id=class_id,
-                    confidence=row[class_id],
-                    scores=dict(zip(names, row, strict=True)),
-                )
+            prediction = Prediction(
+                label=names[class_id],
+                class_id=class_id,
+                confidence=row[class_id],
+                scores=dict(zip(names, row, strict=True)),
             )
+            prediction._batch_started = started
+            predictions.append(prediction)
             self.metrics.predictions.labels(label=names[class_id]).inc()
             self.metrics.confidence.observe(row[class_id])
         return predictions
@@ -776,11 +930,12 @@ class UploadGate:
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             parts = parse_multipart(body, content_type, field_name)
             files = select_files(parts, field_name, single, runtime.limits.max_images_per_batch)
+            sizes: list[tuple[int, int]] = []
             if len(body) <= runtime.limits.inline_decode_max_bytes:
-                pixels = runtime.prepare(files, field_name)
+                pixels = runtime.prepare(files, field_name, sizes)
             else:
-                pixels = await anyio.to_thread.run_sync(runtime.prepare, files, field_name)
-            exchange = Exchange(request_id, endpoint, pixels)
+                pixels = await anyio.to_thread.run_sync(runtime.prepare, files, field_name, sizes)
+            exchange = Exchange(request_id, endpoint, pixels, sizes)
         except BadInputError as exc:
             error = exc
             body_json = ErrorBody(error=str(exc), kind=exc.kind).model_dump_json().encode()
@@ -797,20 +952,26 @@ class UploadGate:
             await send_with_id({"type": "http.response.body", "body": body_json})
         if exchange is not None:
             token = _EXCHANGE.set(exchange)
+            exchange.handed = time.perf_counter()
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
                 _EXCHANGE.reset(token)
+        latency = time.perf_counter() - started
         kind = error.kind if error else (f"http_{status}" if status >= 400 else None)
         if kind is not None:
             runtime.metrics.errors.labels(endpoint=endpoint, kind=kind).inc()
+        runtime.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        runtime.metrics.request_seconds.observe(latency)
         predictions = exchange.predictions if exchange else []
+        queued = None if exchange is None else record_predictions(exchange, runtime)
         logger.bind(
             logger="fashion_serve.request",
             request_id=request_id,
             endpoint=endpoint,
             status=status,
-            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            latency_ms=round(latency * 1000, 3),
+            queue_ms=None if queued is None else round(queued * 1000, 3),
             images=0 if exchange is None else len(exchange.pixels),
             labels=[p.label for p in predictions],
             confidences=[round(p.confidence, 4) for p in predictions],
@@ -834,9 +995,18 @@ class Classifier:
     model_ref = bentoml.models.BentoModel(SETTINGS.model_tag)
 
     def __init__(self) -> None:
-        configure_logging(SETTINGS.log_level)
+        configure_logging(SETTINGS.logging)
         stored = cast(bentoml.Model, self.model_ref)
         self.runtime = ModelRuntime.from_bento_model(stored, SETTINGS)
+        reference_path = Path(stored.path_of(REFERENCE_FILE))
+        if reference_path.exists():
+            self.runtime.drift = DriftMonitor(Reference.load(reference_path), ALERTS.drift)
+        else:
+            logger.bind(logger="fashion_serve").warning(
+                "{} has no {}: drift gauges are off (python -m train reference adds one)",
+                stored.tag,
+                REFERENCE_FILE,
+            )
         logger.bind(logger="fashion_serve", model=str(stored.tag)).info(
             "serving {} ({} classes)", stored.tag, len(self.runtime.class_names)
         )

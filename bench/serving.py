@@ -785,7 +785,7 @@ def effective_settings(env: dict[str, str]) -> dict[str, Any]:
         "predict.max_batch_size": s.predict.max_batch_size,
         "batch_predict.max_batch_size": s.batch_predict.max_batch_size,
         "max_concurrency": s.max_concurrency,
-        "log_level": s.log_level,
+        "log_level": s.logging.level,
     }
 
 

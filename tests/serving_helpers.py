@@ -80,8 +80,18 @@ def free_port() -> int:
 
 @contextmanager
 def bentoml_serve(env: dict[str, str], log: Path) -> Iterator[str]:
-    """``bentoml serve service:Classifier`` (what ``make serve`` runs) on a free port; its URL."""
+    """``bentoml serve service:Classifier`` (what ``make serve`` runs) on a free port; its URL.
+
+    The service's log files go next to ``log`` unless ``env`` says otherwise (not the checkout).
+    """
     port = free_port()
+    env = {
+        "FASHION_SERVE_SERVING__LOGGING__FILE__PATH": str(log.parent / "service.{worker}.jsonl"),
+        "FASHION_SERVE_SERVING__LOGGING__PREDICTIONS__PATH": str(
+            log.parent / "predictions.{worker}.jsonl"
+        ),
+        **env,
+    }
     bentoml_cli = Path(sys.executable).parent / "bentoml"
     command = [str(bentoml_cli), "serve", "service:Classifier", "--host", "127.0.0.1"]
     with log.open("wb") as sink:

@@ -237,3 +237,77 @@ def test_import_champion_from_the_registry(make_settings: MakeSettings, tmp_path
         import_champion(settings, f"models:/{name}@nobody")
     with pytest.raises(ExportError, match="cannot load"):
         import_champion(settings, f"models:/{name}/99")
+
+
+# --------------------------------------------------------------------------- monitoring reference
+
+
+def test_reference_is_stored_with_the_model_and_can_be_added_later(
+    make_settings: MakeSettings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    from train.__main__ import main
+    from train.data import FASHION_MNIST_CLASSES
+    from train.monitoring import REFERENCE_FILE, Reference, stored_reference
+
+    home = tmp_path / "bento"
+    settings = make_settings(f'export.bentoml_home="{home}"', "export.reference_sample=10")
+    classes = list(FASHION_MNIST_CLASSES)
+    data = export.reference_input(settings, SPEC, len(classes))
+    assert data is not None and len(data.labels) == 10  # round(10 % of 12) per class
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="simple_cnn", width=4), SPEC, num_classes=10)
+    tag = import_to_bento(model, classes, SPEC, LINEAGE, pixel_batch(), settings.export, data)
+    (stored,) = stored_models(home)
+    path = Path(stored.path_of(REFERENCE_FILE))
+    reference = Reference.load(path)
+    assert reference.images == 10 and reference.class_names == classes
+    assert all(len(values) == 10 for values in reference.samples.values())
+    assert metadata_of(stored)["monitoring"] == {
+        "reference": REFERENCE_FILE,
+        "images": 10,
+        "accuracy": reference.accuracy,
+    }
+    # The reference is the ONNX model's own view of the validation images.
+    expected = onnx_logits(Path(stored.path_of(export.ONNX_FILE)), data.pixels).argmax(axis=1)
+    counts = np.bincount(expected, minlength=10) / 10
+    assert list(reference.class_mix.values()) == pytest.approx(counts.tolist(), abs=1e-5)
+
+    path.unlink()
+    assert export.attach_reference(settings, str(tag)) == path
+    assert Reference.load(path) == reference
+    path.unlink()
+    assert main(["reference", f'export.bentoml_home="{home}"', *_data_args(settings)]) == 0
+    assert f"wrote {path}" in capsys.readouterr().out
+    with BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))):
+        assert stored_reference(str(tag)) == reference
+        assert stored_reference("fashion-classifier:nope") is None
+
+
+def _data_args(settings: Any) -> list[str]:
+    """The CLI overrides that point at the same tiny data set as ``settings``."""
+    data = settings.data
+    return [
+        f'data.path="{data.path}"',
+        f'data.debian_path="{data.debian_path}"',
+        "data.allow_download=false",
+        "train.epochs=1",
+        "model.name=simple_cnn",
+    ]
+
+
+def test_no_reference_without_fitting_data(make_settings: MakeSettings, tmp_path: Path) -> None:
+    settings = make_settings(f'export.bentoml_home="{tmp_path / "bento"}"')
+    assert export.reference_input(settings, SPEC, num_classes=3) is None  # 10 classes in the data
+    assert export.reference_input(settings, SPEC.model_copy(update={"image_size": 32}), 10) is None
+    missing = make_settings(f'data.path="{tmp_path / "nowhere"}"')
+    assert export.reference_input(missing, SPEC, 10) is None
+
+    with pytest.raises(ExportError, match="no such model"):
+        export.attach_reference(settings, "fashion-classifier:nope")
+    import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), settings.export)
+    (stored,) = stored_models(tmp_path / "bento")
+    assert not Path(stored.path_of("reference.json")).exists()
+    with pytest.raises(ExportError, match="no validation images"):
+        export.attach_reference(settings)  # 3 classes, the data has 10

@@ -121,6 +121,26 @@ def restore_logging() -> Iterator[None]:
     logger.add(sys.stderr)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def log_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Service instances made here write their log files below a temporary folder."""
+    folder = tmp_path_factory.mktemp("logs")
+    original = service.SETTINGS
+    logging_settings = original.logging.model_copy(
+        update={
+            "file": original.logging.file.model_copy(
+                update={"path": str(folder / "service.{worker}.jsonl")}
+            ),
+            "predictions": original.logging.predictions.model_copy(
+                update={"path": str(folder / "predictions.{worker}.jsonl")}
+            ),
+        }
+    )
+    service.SETTINGS = original.model_copy(update={"logging": logging_settings})
+    yield folder
+    service.SETTINGS = original
+
+
 @pytest.fixture(scope="module")
 def svc(bento_home: Path) -> Any:
     """A service instance, as BentoML creates one in a worker."""
@@ -545,7 +565,8 @@ def test_service_methods_directly(svc: Any, tiny_model: torch.nn.Module) -> None
     assert [p.class_id for p in batch] == expected_scores(tiny_model, images).argmax(
         axis=1
     ).tolist()
-    assert single == batch[:1]
+    # Compared by content: the private batch start time differs between the two calls.
+    assert [p.model_dump() for p in single] == [p.model_dump() for p in batch[:1]]
     assert all(isinstance(p, service.Prediction) for p in batch)
     assert svc.runtime.class_names == CLASSES
 
@@ -656,7 +677,15 @@ def test_config_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
 def test_stdlib_logging_becomes_json(capsys: pytest.CaptureFixture[str]) -> None:
     import logging
 
-    service.configure_logging("INFO")
+    service.configure_logging(
+        service.SETTINGS.logging.model_copy(
+            update={
+                "level": "INFO",
+                "stream": "stderr",
+                "file": service.SETTINGS.logging.file.model_copy(update={"enabled": False}),
+            }
+        )
+    )
     logging.getLogger("bentoml.serve").info("hello %s", "world")
     try:
         raise RuntimeError("boom")
@@ -790,3 +819,85 @@ def test_api_reference_lists_every_error_kind() -> None:
     reference = (ROOT / "docs" / "api.md").read_text()
     rows = set(re.findall(r"^\| (\d{3}) \| `(\w+)` \|", reference, flags=re.M))
     assert raised | decoded == rows
+
+
+# --------------------------------------------------------------------------- monitoring
+
+
+def test_prediction_data_and_drift_gauge(svc: Any, log_files: Path) -> None:
+    """Each image gets a prediction-data line; a shifted window moves the PSI gauge."""
+    import prometheus_client
+
+    from train.monitoring import DriftMonitor, build_reference
+
+    runtime: service.ModelRuntime = svc.runtime
+    rng = np.random.default_rng(0)
+    dark = rng.integers(0, 30, size=(300, 1, 28, 28)).astype(np.float32)
+    probabilities = np.array([list(p.scores.values()) for p in runtime.predict(dark)])
+    reference = build_reference(
+        probabilities, np.zeros(300, dtype=np.int64), dark, CLASSES, {"28x28": 300}, "dark", 300
+    )
+    uploads = [service.Upload("images", f"{i}.png", image_bytes(seed=i)) for i in range(8)]
+    sizes: list[tuple[int, int]] = []
+    pixels = runtime.prepare(uploads, "images", sizes)
+    assert sizes == [(28, 28)] * 8
+
+    def send(request_id: str, handed_after_batch: bool = False) -> float | None:
+        exchange = service.Exchange(request_id, "/batch_predict", pixels, sizes)
+        exchange.predictions = runtime.predict(pixels)
+        exchange.handed = exchange.predictions[0]._batch_started + (1 if handed_after_batch else 0)
+        return service.record_predictions(exchange, runtime)
+
+    runtime.drift = DriftMonitor(reference, service.ALERTS.drift)
+    try:
+        for i in range(service.ALERTS.rules.drift.min_predictions // 8 + 1):
+            send(f"drift-{i}")
+        runtime.drift, runtime.prediction_data = None, False
+        assert send("unrecorded") == 0.0
+        assert send("unrecorded", handed_after_batch=True) is None  # not a real queue time
+    finally:
+        runtime.drift, runtime.prediction_data = None, True
+    brightness_psi = prometheus_client.REGISTRY.get_sample_value(
+        "fashion_serve_drift_psi", {"feature": "brightness"}
+    )
+    assert brightness_psi is not None
+    assert brightness_psi > service.ALERTS.rules.drift.psi_threshold
+    logger.complete()  # the file sinks write from a queue
+    lines = [
+        json.loads(line)
+        for path in log_files.glob("predictions.*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    first = [entry for entry in lines if entry["request_id"] == "drift-0"]
+    assert len(first) == 8
+    assert {(e["width"], e["height"]) for e in first} == {(28, 28)}
+    assert all(0.3 < e["brightness"] < 0.7 and 0 <= e["margin"] <= 1 for e in first)
+    assert not any(entry["request_id"] == "unrecorded" for entry in lines)
+
+
+def test_log_files_rotate_and_are_read_back_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rotation from the settings splits the worker's file; the readers glob every piece."""
+    from train.monitoring import expand, request_entries
+
+    logging_settings = service.SETTINGS.logging
+    settings = logging_settings.model_copy(
+        update={
+            "stream": "stdout",
+            "file": logging_settings.file.model_copy(
+                update={"path": str(tmp_path / "service.{worker}.jsonl"), "rotation": "2 KB"}
+            ),
+            "predictions": logging_settings.predictions.model_copy(update={"enabled": False}),
+        }
+    )
+    service.configure_logging(settings, worker="worker-7")
+    for i in range(40):
+        logger.bind(logger="fashion_serve.request", request_id=f"rot-{i}", status=200).info("x")
+    logger.complete()
+    files = expand([settings.file.pattern()])
+    assert len(files) > 2 and all(f.name.startswith("service.worker-7.") for f in files)
+    ids = sorted(int(e["request_id"].split("-")[1]) for e in request_entries(files))
+    assert ids == list(range(40))
+    streamed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["request_id"] for e in streamed] == [f"rot-{i}" for i in range(40)]

@@ -1,8 +1,11 @@
-"""Command line: ``python -m train {data,fit,sweep,evaluate,promote,import} [--config F] [k=v ...]``.
+"""Command line: ``python -m train {data,fit,sweep,evaluate,promote,import,...} [--config F] [k=v ...]``.
 
 Only argument handling lives here; each command calls one function of its stage module. Known
 failures (config, data, model, tracking, checkpoint, promotion, export) print one ``error:`` line
 and exit with status 2 before anything is written.
+
+The monitoring commands ``alerts`` (exit 1 when a rule fires) and ``alert-rules`` read
+``configs/alerts.yaml`` and ``configs/serving.yaml`` only, and import neither torch nor MLflow.
 """
 
 from __future__ import annotations
@@ -45,12 +48,81 @@ def _parser() -> argparse.ArgumentParser:
     command("report", "print the model table (best run per architecture) and update README.md")
     imp = command("import", "export the champion to ONNX and save it in the BentoML store")
     imp.add_argument("--model-uri", default=None, help="default: models:/<name>@champion")
+    ref = command("reference", "add the monitoring reference.json to a model in the BentoML store")
+    ref.add_argument("--model-tag", default=None, help="default: <export.bento_model_name>:latest")
+    alerts = sub.add_parser(
+        "alerts", help="evaluate configs/alerts.yaml over the service logs; exit 1 if one fires"
+    )
+    alerts.add_argument(
+        "--logs", action="append", default=[], help="request-log glob (default: serving.yaml's)"
+    )
+    alerts.add_argument(
+        "--predictions",
+        action="append",
+        default=[],
+        help="prediction-data glob (default: serving.yaml's)",
+    )
+    alerts.add_argument(
+        "--reference", type=Path, default=None, help="reference.json (default: the served model's)"
+    )
+    alerts.add_argument(
+        "--now", default=None, help="end of the window, ISO time (default: the current time)"
+    )
+    alerts.add_argument(
+        "--alerts-config", type=Path, default=None, help="default: configs/alerts.yaml"
+    )
+    rules = sub.add_parser("alert-rules", help="write the alert rules as a Prometheus rules file")
+    rules.add_argument("--output", type=Path, default=Path("deploy/prometheus/alerts.yml"))
+    rules.add_argument(
+        "--check", action="store_true", help="only compare with --output; exit 1 if it differs"
+    )
+    rules.add_argument(
+        "--alerts-config", type=Path, default=None, help="default: configs/alerts.yaml"
+    )
     return parser
+
+
+def _monitoring(args: argparse.Namespace) -> int:
+    """``alerts`` and ``alert-rules``: no training settings, no torch."""
+    from train.monitoring import (
+        load_alert_settings,
+        parse_time,
+        render_prometheus_rules,
+        run_alerts,
+    )
+    from train.settings_io import SettingsError
+
+    try:
+        settings = load_alert_settings(args.alerts_config)
+        if args.command == "alert-rules":
+            text = render_prometheus_rules(settings)
+            output = args.output
+            if args.check:
+                if not output.exists() or output.read_text() != text:
+                    print(f"{output} is stale: run python -m train alert-rules", file=sys.stderr)
+                    return 1
+                print(f"{output} matches configs/alerts.yaml")
+                return 0
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+            print(f"wrote {output}")
+            return 0
+        now = parse_time(args.now) if args.now else None
+        results, read = run_alerts(args.logs, args.predictions, args.reference, now, settings)
+    except (SettingsError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(read)
+    for result in results:
+        print(result.line())
+    return 1 if any(r.firing for r in results) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the process exit status."""
     args = _parser().parse_args(argv)
+    if args.command in ("alerts", "alert-rules"):
+        return _monitoring(args)
     from train.config import ConfigError, load_settings
 
     known_errors: tuple[type[BaseException], ...] = (ConfigError,)
@@ -119,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
 
             known_errors = (*known_errors, ExportError)
             print(f"imported {import_champion(settings, args.model_uri)}")
+        elif args.command == "reference":
+            from train.export import ExportError, attach_reference
+
+            known_errors = (*known_errors, ExportError)
+            print(f"wrote {attach_reference(settings, args.model_tag)}")
     except known_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,11 @@ names, the preprocessing spec and the lineage (registered name, version, run id,
 metrics, and the git commit: the run's ``mlflow.source.git.commit`` tag, else ``git rev-parse
 HEAD``). Importing a version that is already in the store returns the stored model.
 
+With validation images at hand, the model folder also gets ``reference.json``: the ONNX model's
+predictions (class mix, confidence, top-2 margin) and image statistics on the validation split,
+the reference that monitoring compares live traffic with (:mod:`train.monitoring`).
+``python -m train reference`` adds it to a model imported without one.
+
 The BentoML store is ``export.bentoml_home`` when set (an explicit store object is passed to
 BentoML, so nothing global changes), otherwise BentoML's own: ``$BENTOML_HOME`` or ``~/bentoml``.
 ``bentoml serve`` must then run with ``BENTOML_HOME`` pointing at the same folder.
@@ -20,8 +25,9 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import bentoml
 import numpy as np
@@ -36,7 +42,8 @@ from numpy.typing import NDArray
 from torch import nn
 
 from train.config import PROJECT_ROOT, ExportConfig, Settings, resolve_path
-from train.preprocess import PreprocessSpec, to_model_input
+from train.monitoring import REFERENCE_FILE, Reference, build_reference
+from train.preprocess import PreprocessSpec, softmax, to_model_input
 
 ONNX_FILE = "model.onnx"
 INPUT_NAME = "input"
@@ -158,6 +165,39 @@ def find_imported(name: str, version: str, cfg: ExportConfig) -> bentoml.Tag | N
     return None
 
 
+@dataclass(frozen=True)
+class ReferenceData:
+    """Validation images (model input) behind a model's monitoring reference."""
+
+    pixels: NDArray[np.float32]
+    labels: NDArray[np.int64]
+    sizes: dict[str, int]
+    source: str
+
+
+def compute_reference(
+    onnx_path: Path, class_names: list[str], data: ReferenceData, cfg: ExportConfig, seed: int = 0
+) -> Reference:
+    """The reference distribution: the ONNX model's outputs and the image statistics on ``data``."""
+    chunk = 512  # bounds ONNX Runtime's memory on big validation sets
+    logits = np.concatenate(
+        [
+            onnx_logits(onnx_path, data.pixels[i : i + chunk])
+            for i in range(0, len(data.pixels), chunk)
+        ]
+    )
+    return build_reference(
+        softmax(logits),
+        data.labels,
+        data.pixels,
+        class_names,
+        data.sizes,
+        data.source,
+        cfg.reference_sample,
+        seed,
+    )
+
+
 def import_to_bento(
     model: nn.Module,
     class_names: list[str],
@@ -165,6 +205,7 @@ def import_to_bento(
     lineage: dict[str, Any],
     parity_batch: NDArray[np.float32],
     cfg: ExportConfig,
+    reference_data: ReferenceData | None = None,
 ) -> bentoml.Tag:
     """Export ``model``, check parity and save it as a BentoML model (once per registered version).
 
@@ -175,6 +216,8 @@ def import_to_bento(
         lineage: ``registered_name``, ``version``, ``run_id``, ``metrics`` and ``git_commit``.
         parity_batch: Model input used to compare torch and ONNX Runtime.
         cfg: The export section of the settings.
+        reference_data: Validation images for the monitoring reference (``reference.json``);
+            without them the model is stored without one.
 
     Returns:
         The tag of the new model, or of the stored one imported from the same registered version.
@@ -193,6 +236,11 @@ def import_to_bento(
     with tempfile.TemporaryDirectory(prefix="fashion-export-") as tmp:
         onnx_path = export_onnx(model, spec, Path(tmp) / ONNX_FILE, cfg.opset)
         diff = check_parity(model, onnx_path, parity_batch, cfg.parity_atol)
+        reference = (
+            None
+            if reference_data is None
+            else compute_reference(onnx_path, class_names, reference_data, cfg)
+        )
         labels = {
             LABEL_NAME: name,
             LABEL_VERSION: version,
@@ -212,6 +260,12 @@ def import_to_bento(
                 "parity_images": int(parity_batch.shape[0]),
             },
         }
+        if reference is not None:
+            metadata["monitoring"] = {
+                "reference": REFERENCE_FILE,
+                "images": reference.images,
+                "accuracy": reference.accuracy,
+            }
         with bentoml.models.create(
             cfg.bento_model_name,
             labels=labels,
@@ -219,6 +273,8 @@ def import_to_bento(
             _model_store=model_store(cfg),
         ) as bento_model:
             shutil.copyfile(onnx_path, Path(bento_model.path) / ONNX_FILE)
+            if reference is not None:
+                reference.save(Path(bento_model.path) / REFERENCE_FILE)
     logger.info(
         "imported {} version {} as {} (parity {:.2e})", name, version, bento_model.tag, diff
     )
@@ -268,6 +324,77 @@ def parity_input(settings: Settings, spec: PreprocessSpec, num_classes: int) -> 
         logger.warning("parity check uses random images: {}", exc)
     rng = np.random.default_rng(settings.train.seed)
     return to_model_input(list(rng.integers(0, 256, size=(count, *shape), dtype=np.uint8)))
+
+
+def reference_input(
+    settings: Settings, spec: PreprocessSpec, num_classes: int
+) -> ReferenceData | None:
+    """Up to ``export.reference_images`` validation images (seeded), or None without fitting data.
+
+    The split is the one training used (``data`` settings: ``val_fraction``, ``split_seed``);
+    data is never downloaded for this.
+    """
+    from train.data import DataError, load_data
+
+    try:
+        bundle = load_data(settings.data.model_copy(update={"allow_download": False}))
+    except (DataError, OSError, ValueError) as exc:
+        logger.warning("no monitoring reference: {}", exc)
+        return None
+    images = bundle.val.images
+    if images.shape[1:] != (spec.image_size, spec.image_size, spec.channels):
+        logger.warning(
+            "no monitoring reference: validation images are {}, the model wants {}",
+            images.shape[1:],
+            (spec.image_size, spec.image_size, spec.channels),
+        )
+        return None
+    if len(bundle.classes) != num_classes:
+        logger.warning(
+            "no monitoring reference: the data has {} classes, the model {}",
+            len(bundle.classes),
+            num_classes,
+        )
+        return None
+    rng = np.random.default_rng(settings.train.seed)
+    keep = np.sort(rng.permutation(len(images))[: settings.export.reference_images])
+    return ReferenceData(
+        to_model_input(list(images[keep])),
+        bundle.val.labels[keep],
+        dict(bundle.original_sizes),
+        f"{bundle.source} (validation split, {len(keep)} images)",
+    )
+
+
+def attach_reference(settings: Settings, tag: str | None = None) -> Path:
+    """Compute ``reference.json`` for a model already in the BentoML store (no torch needed).
+
+    Args:
+        settings: Data settings (validation split) and export settings (store, sample sizes).
+        tag: The BentoML model; default ``<export.bento_model_name>:latest``.
+
+    Returns:
+        The written file.
+
+    Raises:
+        ExportError: the model is not in the store or there is no usable validation data.
+    """
+    cfg = settings.export
+    try:
+        stored = bentoml.models.get(
+            tag or f"{cfg.bento_model_name}:latest", _model_store=model_store(cfg)
+        )
+    except NotFound as exc:
+        raise ExportError(f"no such model in the BentoML store: {exc}") from exc
+    spec = PreprocessSpec.model_validate(stored.info.metadata["preprocess"])
+    class_names = [str(n) for n in cast(list[Any], stored.info.metadata["class_names"])]
+    data = reference_input(settings, spec, len(class_names))
+    if data is None:
+        raise ExportError("no validation images that fit the model; see the warning above")
+    reference = compute_reference(Path(stored.path_of(ONNX_FILE)), class_names, data, cfg)
+    path = reference.save(Path(stored.path) / REFERENCE_FILE)
+    logger.info("wrote {} ({} images, accuracy {:.4f})", path, reference.images, reference.accuracy)
+    return path
 
 
 def _registered_version(uri: str) -> tuple[str, str]:
@@ -352,4 +479,5 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
         lineage,
         parity_input(settings, spec, len(metadata["class_names"])),
         settings.export,
+        reference_input(settings, spec, len(metadata["class_names"])),
     )
