@@ -172,7 +172,7 @@ def secured(
     env = serve_env(
         bento_home,
         workers=1,
-        log_level="DEBUG",
+        logging={"level": "DEBUG"},
         access_log=True,
         auth={"enabled": True, "key_env": KEY_ENV, "protect_metrics": True},
     )
