@@ -17,6 +17,7 @@ CONTAINER_APT_PACKAGES := podman buildah runc debootstrap podman-compose
 COMPOSE ?= $(shell docker info >/dev/null 2>&1 && echo "docker compose" || echo podman-compose)
 # MLFLOW_DB=postgres adds docker-compose.postgres.yaml (PostgreSQL instead of sqlite).
 MLFLOW_DB ?= sqlite
+COMPOSE_PROJECT ?= fashion-serve
 COMPOSE_FILES := -f docker-compose.yaml $(if $(filter postgres,$(MLFLOW_DB)),-f docker-compose.postgres.yaml,)
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
@@ -88,10 +89,10 @@ mlflow-image: setup container-deps  ## the MLflow server image docker-compose.ya
 	$(PY) scripts/container.py mlflow-image
 
 compose-up: container mlflow-image  ## the service + MLflow server (MLFLOW_DB=postgres for PostgreSQL) on 127.0.0.1
-	CONTAINERS_CONF=$$($(PY) scripts/container.py conf) $(COMPOSE) $(COMPOSE_FILES) up -d
+	CONTAINERS_CONF=$$($(PY) scripts/container.py conf) $(COMPOSE) -p $(COMPOSE_PROJECT) $(COMPOSE_FILES) up -d
 
 compose-down:  ## stop and remove the compose services (volumes are kept)
-	CONTAINERS_CONF=$$($(PY) scripts/container.py conf) $(COMPOSE) $(COMPOSE_FILES) down
+	CONTAINERS_CONF=$$($(PY) scripts/container.py conf) $(COMPOSE) -p $(COMPOSE_PROJECT) $(COMPOSE_FILES) down
 
 lint: setup  ## ruff check + format check
 	$(VENV)/bin/ruff check .

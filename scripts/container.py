@@ -513,13 +513,13 @@ def base_image_for(
 def build_mlflow_image(
     settings: ContainerSettings, engine: str, env: Mapping[str, str], runner: Runner = run
 ) -> str:
-    """Build ``deploy/mlflow/Containerfile`` on our base; return its tag.
+    """Build ``deploy/mlflow-server/Containerfile`` on our base; return its tag.
 
     Raises:
         ContainerError: the build failed (the log is named).
     """
     base = base_image_for(settings, engine, env, runner)
-    context = ROOT / "deploy" / "mlflow"
+    context = ROOT / "deploy" / "mlflow-server"
     command = [engine, "build", "-t", settings.mlflow_image, "--build-arg", f"BASE_IMAGE={base}"]
     command += [*ca_mount(settings, engine), "-f", str(context / "Containerfile"), str(context)]
     log = work_dir(settings) / "mlflow-image.log"
