@@ -210,6 +210,31 @@ def test_failed_debootstrap_tags_nothing(
     assert not [c for c in engine_calls if c.startswith(("import", "tag"))]
 
 
+def test_base_that_does_not_run_is_removed_not_tagged(
+    settings: ContainerSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """debootstrap and the import succeed but the image cannot run Python: only the temporary
+    tag existed, and it is removed."""
+    bin_dir = tmp_path / "bin"
+    calls = tmp_path / "engine.log"
+    engine = FAKE_ENGINE.format(log=calls).replace(
+        'case "$1 $2" in',
+        'case "$1 $2" in\n  "import --change=ENV"*) cat > /dev/null ;;\n  "run --rm") exit 1 ;;',
+    )
+    fake_tool(bin_dir, "podman", engine)
+    fake_tool(bin_dir, "debootstrap", '#!/bin/sh\nmkdir -p "$4/usr/bin"\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with pytest.raises(ContainerError, match="does not run python3 and uv"):
+        container.build_base(settings, "podman", dict(os.environ))
+    engine_calls = calls.read_text().splitlines()
+    imported = next(c for c in engine_calls if c.startswith("import "))
+    temporary = imported.split()[-1]
+    assert ":building-" in temporary
+    assert engine_calls[-1] == f"rmi {temporary}"
+    assert not [c for c in engine_calls if c.startswith("tag ")]
+
+
 def test_model_preflight_says_how_to_get_a_model() -> None:
     missing = Recorder({container.bentoml_cli(): done(1)})
     with pytest.raises(ContainerError, match=r"not in the BentoML store /x.*make import"):
