@@ -22,7 +22,7 @@ COMPOSE_FILES := -f docker-compose.yaml $(if $(filter postgres,$(MLFLOW_DB)),-f 
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
 .PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve openapi clean help
-.PHONY: container-deps container-base container container-smoke mlflow-image compose-up compose-down
+.PHONY: container-deps container-base container container-smoke mlflow-image postgres-image compose-up compose-down
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -88,7 +88,10 @@ container-smoke: setup container-deps  ## build, run and check a throw-away imag
 mlflow-image: setup container-deps  ## the MLflow server image docker-compose.yaml runs
 	$(PY) scripts/container.py mlflow-image
 
-compose-up: container mlflow-image  ## the service + MLflow server (MLFLOW_DB=postgres for PostgreSQL) on 127.0.0.1
+postgres-image: setup container-deps  ## Debian's PostgreSQL on the same base (MLFLOW_DB=postgres)
+	$(PY) scripts/container.py postgres-image
+
+compose-up: container mlflow-image $(if $(filter postgres,$(MLFLOW_DB)),postgres-image,)  ## the service + MLflow server (MLFLOW_DB=postgres for PostgreSQL) on 127.0.0.1
 	CONTAINERS_CONF=$$($(PY) scripts/container.py conf) $(COMPOSE) -p $(COMPOSE_PROJECT) $(COMPOSE_FILES) up -d
 
 compose-down:  ## stop and remove the compose services (volumes are kept)

@@ -112,6 +112,7 @@ class ContainerSettings(_Strict):
 
     image: str
     mlflow_image: str
+    postgres_image: str
     engine: str = Field(pattern=r"^(auto|docker|podman)$")
     base: str = Field(pattern=r"^(auto|standard|offline)$")
     ca_bundle: Path | None
@@ -510,26 +511,35 @@ def base_image_for(
     return standard_base_image(bentofile_python_version())
 
 
-def build_mlflow_image(
-    settings: ContainerSettings, engine: str, env: Mapping[str, str], runner: Runner = run
+#: Images of our own beside the service: subcommand -> its folder in deploy/.
+AUX_IMAGES = {"mlflow-image": "mlflow-server", "postgres-image": "postgres"}
+
+
+def build_aux_image(
+    settings: ContainerSettings,
+    kind: str,
+    engine: str,
+    env: Mapping[str, str],
+    runner: Runner = run,
 ) -> str:
-    """Build ``deploy/mlflow-server/Containerfile`` on our base; return its tag.
+    """Build ``deploy/<folder>/Containerfile`` (MLflow or PostgreSQL) on our base; return its tag.
 
     Raises:
         ContainerError: the build failed (the log is named).
     """
+    tag = settings.mlflow_image if kind == "mlflow-image" else settings.postgres_image
     base = base_image_for(settings, engine, env, runner)
-    context = ROOT / "deploy" / "mlflow-server"
-    command = [engine, "build", "-t", settings.mlflow_image, "--build-arg", f"BASE_IMAGE={base}"]
+    context = ROOT / "deploy" / AUX_IMAGES[kind]
+    command = [engine, "build", "-t", tag, "--build-arg", f"BASE_IMAGE={base}"]
     command += [*ca_mount(settings, engine), "-f", str(context / "Containerfile"), str(context)]
-    log = work_dir(settings) / "mlflow-image.log"
-    print(f"building {settings.mlflow_image} on {base} (log {log})")
+    log = work_dir(settings) / f"{kind}.log"
+    print(f"building {tag} on {base} (log {log})")
     with log.open("w") as sink:
         done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, env=dict(env))
     if done.returncode != 0:
         tail = " | ".join(log.read_text().strip().splitlines()[-3:])
-        raise ContainerError(f"building {settings.mlflow_image} failed (see {log}): {tail[-400:]}")
-    return settings.mlflow_image
+        raise ContainerError(f"building {tag} failed (see {log}): {tail[-400:]}")
+    return tag
 
 
 def image_size_mb(engine: str, tag: str, env: Mapping[str, str], runner: Runner = run) -> float:
@@ -640,12 +650,18 @@ def wait_ready(url: str, started: float, timeout_s: float, alive: Callable[[], b
 
 
 def check_endpoints(url: str, png: bytes, timeout_s: float) -> dict[str, Any]:
-    """``/predict``, ``/batch_predict`` and ``/metrics``; return what was learnt.
+    """``/livez``, ``/predict``, ``/batch_predict``, a bad upload and ``/metrics``.
+
+    Returns:
+        The labels answered.
 
     Raises:
         ContainerError: an answer is not what the API promises.
     """
     with httpx.Client(base_url=url, timeout=timeout_s) as client:
+        live = client.get("/livez")
+        if live.status_code != 200:
+            raise ContainerError(f"/livez answered {live.status_code}")
         one = client.post("/predict", files={"image": ("item.png", png, "image/png")})
         if one.status_code != 200 or "label" not in one.json():
             raise ContainerError(f"/predict answered {one.status_code}: {one.text[:300]}")
@@ -754,7 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("conf", help="write containers.conf for podman/buildah; print its path")
     commands.add_parser("base", help="build (or reuse) the offline Debian base; print its tag")
     commands.add_parser("build", help="bentoml build + containerize; print the image tag")
-    commands.add_parser("mlflow-image", help="build the MLflow server image for compose")
+    for kind in AUX_IMAGES:
+        commands.add_parser(kind, help=f"build deploy/{AUX_IMAGES[kind]}'s image for compose")
     smoke_parser = commands.add_parser("smoke", help="build, run and check a throw-away image")
     smoke_parser.add_argument(
         "--tiny", action="store_true", help="serve a tiny random model from a temporary store"
@@ -772,8 +789,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = engine_env(settings)
         if args.command == "base":
             print(build_base(settings, engine, env))
-        elif args.command == "mlflow-image":
-            print(build_mlflow_image(settings, engine, env))
+        elif args.command in AUX_IMAGES:
+            print(build_aux_image(settings, args.command, engine, env))
         else:
             tag = build_image(settings, engine, env)
             latest = f"{tag.split(':')[0]}:latest"

@@ -74,3 +74,10 @@ def test_compose_mlflow_keeps_its_store_and_admits_the_service() -> None:
     assert "sqlite:////mlflow/" in " ".join(mlflow["command"])
     api_env = compose["services"]["api"]["environment"]
     assert api_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+
+def test_postgres_override_stays_inside_and_feeds_mlflow() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.postgres.yaml").read_text())["services"]
+    assert "ports" not in services["postgres"]
+    uri = next(a for a in services["mlflow"]["command"] if a.startswith("--backend-store-uri="))
+    assert uri.startswith("--backend-store-uri=postgresql://") and "@postgres:5432/" in uri
