@@ -278,14 +278,13 @@ def choose_base(
 # --------------------------------------------------------------------------- offline base
 
 
-def apt_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
-    """The Debian archive apt uses here (so the base builds wherever apt works), else the default.
+def apt_mirror(suite: str, apt_dir: Path = Path("/etc/apt")) -> str:
+    """The Debian archive apt uses here for ``suite`` (so the base builds wherever apt works).
 
-    Reads deb822 ``*.sources`` and one-line ``sources.list`` entries; security and updates
-    archives are skipped.
+    Reads deb822 ``*.sources`` and one-line ``sources.list`` entries; a security archive or one
+    without ``suite`` (another distribution, a vendor repository) is skipped. None: the default.
     """
-    files = sorted((apt_dir / "sources.list.d").glob("*.sources"))
-    for file in files:
+    for file in sorted((apt_dir / "sources.list.d").glob("*.sources")):
         for stanza in file.read_text().split("\n\n"):
             fields = dict(
                 line.split(":", 1)
@@ -293,14 +292,19 @@ def apt_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
                 if ":" in line and not line.startswith("#")
             )
             uris = fields.get("URIs", "").split()
-            if "deb" in fields.get("Types", "").split() and uris and "security" not in uris[0]:
+            if (
+                "deb" in fields.get("Types", "").split()
+                and suite in fields.get("Suites", "").split()
+                and uris
+                and "security" not in uris[0]
+            ):
                 return uris[0].rstrip("/")
     for file in [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*.list"))]:
         if not file.exists():
             continue
         for line in file.read_text().splitlines():
             match = re.match(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", line.strip())
-            if match and "security" not in match.group(1) and "debian" in match.group(1):
+            if match and match.group(2) == suite and "security" not in match.group(1):
                 return match.group(1).rstrip("/")
     return DEFAULT_MIRROR
 
@@ -369,7 +373,7 @@ def build_base(
     if image_exists(engine, tag, env, runner):
         return tag
     offline_preflight()
-    mirror = base.mirror or apt_mirror()
+    mirror = base.mirror or apt_mirror(base.suite)
     log = work_dir(settings) / "base-build.log"
     temporary = f"{base.repository}:building-{uuid.uuid4().hex[:8]}"
     print(f"building the offline base {tag} (debootstrap {base.suite} from {mirror}; log {log})")

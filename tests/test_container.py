@@ -157,19 +157,23 @@ def test_ca_bundle_is_mounted_for_podman_only(settings: ContainerSettings, tmp_p
 def test_apt_mirror_from_deb822_and_one_line_sources(tmp_path: Path) -> None:
     deb822 = tmp_path / "a" / "sources.list.d"
     deb822.mkdir(parents=True)
+    (deb822 / "a-vendor.sources").write_text(
+        "Types: deb\nURIs: https://vendor.example/apt\nSuites: nodistro\n"
+    )
     (deb822 / "debian.sources").write_text(
         "Types: deb\nURIs: http://security.example/debian-security\nSuites: bookworm-security\n\n"
-        "Types: deb\n# a comment\nURIs: http://mirror.example/debian/\nSuites: bookworm\n"
+        "Types: deb\n# a comment\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\n"
     )
-    assert container.apt_mirror(tmp_path / "a") == "http://mirror.example/debian"
+    assert container.apt_mirror("bookworm", tmp_path / "a") == "http://mirror.example/debian"
+    assert container.apt_mirror("trixie", tmp_path / "a") == container.DEFAULT_MIRROR
     one_line = tmp_path / "b"
     (one_line / "sources.list.d").mkdir(parents=True)
     (one_line / "sources.list").write_text(
         "deb http://security.debian.org/debian-security bookworm-security main\n"
         "deb [arch=amd64] http://ftp.example/debian bookworm main\n"
     )
-    assert container.apt_mirror(one_line) == "http://ftp.example/debian"
-    assert container.apt_mirror(tmp_path / "none") == container.DEFAULT_MIRROR
+    assert container.apt_mirror("bookworm", one_line) == "http://ftp.example/debian"
+    assert container.apt_mirror("bookworm", tmp_path / "none") == container.DEFAULT_MIRROR
 
 
 def test_base_tag_follows_the_recipe(settings: ContainerSettings) -> None:
