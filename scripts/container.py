@@ -428,6 +428,13 @@ def build_base(
                 raise ContainerError(
                     f"the new base does not run python3 and uv: {check.stderr.strip()[-300:]}"
                 )
+            wanted = bentofile_python_version()
+            found = check.stdout.split()[1] if check.stdout.startswith("Python ") else "?"
+            if not found.startswith(f"{wanted}."):
+                raise ContainerError(
+                    f"{base.suite}'s python3 is {found}, bentofile.yaml wants {wanted}: choose "
+                    "offline_base.suite to match docker.python_version"
+                )
             runner([engine, "tag", temporary, tag], env=env)
         finally:
             runner([engine, "rmi", temporary], check=False, env=env)

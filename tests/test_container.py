@@ -239,6 +239,25 @@ def test_base_that_does_not_run_is_removed_not_tagged(
     assert not [c for c in engine_calls if c.startswith("tag ")]
 
 
+def test_base_with_another_python_is_not_tagged(
+    settings: ContainerSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    calls = tmp_path / "engine.log"
+    engine = FAKE_ENGINE.format(log=calls).replace(
+        'case "$1 $2" in',
+        'case "$1 $2" in\n  "import --change=ENV"*) cat > /dev/null ;;\n'
+        '  "run --rm") echo "Python 3.13.5"; echo "uv 0.13.9" ;;',
+    )
+    fake_tool(bin_dir, "podman", engine)
+    fake_tool(bin_dir, "debootstrap", '#!/bin/sh\nmkdir -p "$4/usr/bin"\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with pytest.raises(ContainerError, match=r"python3 is 3\.13\.5, bentofile.yaml wants 3\.11"):
+        container.build_base(settings, "podman", dict(os.environ))
+    assert not [c for c in calls.read_text().splitlines() if c.startswith("tag ")]
+
+
 def test_model_preflight_says_how_to_get_a_model() -> None:
     missing = Recorder({container.bentoml_cli(): done(1)})
     with pytest.raises(ContainerError, match=r"not in the BentoML store /x.*make import"):
@@ -270,3 +289,15 @@ def test_container_is_removed_when_a_check_fails(
 def test_wait_ready_stops_when_the_container_dies() -> None:
     with pytest.raises(ContainerError, match="exited before /readyz"):
         container.wait_ready("http://127.0.0.1:9", 0.0, 1e9, alive=lambda: False)
+
+
+def test_service_image_is_standard_unless_a_base_is_set() -> None:
+    """``image_base`` unset: BentoML's standard image (None); set: that base, no distro layer."""
+    import service
+
+    standard = service.SETTINGS.model_copy(update={"image_base": None})
+    assert service.service_image(standard) is None
+    offline = service.SETTINGS.model_copy(update={"image_base": "localhost/base:1"})
+    image = service.service_image(offline)
+    assert image is not None
+    assert (image.base_image, image.distro, image.commands) == ("localhost/base:1", "none", [])
