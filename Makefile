@@ -25,9 +25,19 @@ APT_PACKAGES := dataset-fashion-mnist wrk
 APT_PACKAGES += prometheus
 # headless browser test of the Swagger UI, and make demo (terminal recording → GIF)
 APT_PACKAGES += chromium chromium-driver tmux imagemagick fonts-dejavu-core
+# Containers without a Docker engine or a registry (docs/deployment.md): podman + runc, debootstrap
+# for the offline base, podman-compose for docker-compose.yaml.
+CONTAINER_APT_PACKAGES := podman buildah runc debootstrap podman-compose
+# `docker compose` when a Docker engine answers, else podman-compose.
+COMPOSE ?= $(shell docker info >/dev/null 2>&1 && echo "docker compose" || echo podman-compose)
+# MLFLOW_DB=postgres adds docker-compose.postgres.yaml (PostgreSQL instead of sqlite).
+MLFLOW_DB ?= sqlite
+COMPOSE_PROJECT ?= fashion-serve
+COMPOSE_FILES := -f docker-compose.yaml $(if $(filter postgres,$(MLFLOW_DB)),-f docker-compose.postgres.yaml,)
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
 .PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench-serve openapi soak screenshots demo alerts alert-rules clean help
+.PHONY: container-deps container-base container container-smoke mlflow-image postgres-image compose-up compose-down
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -102,6 +112,30 @@ mlflow: setup  ## MLflow UI/server on 127.0.0.1 over the embedded store (allowed
 	  --backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db \
 	  --artifacts-destination $(MLFLOW_STORE)/artifacts
 
+container-deps:  ## Debian's podman, buildah, runc, debootstrap, podman-compose (when apt is there)
+	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(CONTAINER_APT_PACKAGES)"
+
+container-base: setup container-deps  ## the offline Debian base image (debootstrap; cached by tag)
+	$(PY) scripts/container.py base
+
+container: setup container-deps  ## bentoml build + containerize the imported model → fashion-serve:latest
+	$(PY) scripts/container.py build
+
+container-smoke: setup container-deps  ## build, run and check a throw-away image of a tiny model; print size, start-to-ready
+	$(PY) scripts/container.py smoke --tiny
+
+mlflow-image: setup container-deps  ## the MLflow server image docker-compose.yaml runs
+	$(PY) scripts/container.py mlflow-image
+
+postgres-image: setup container-deps  ## Debian's PostgreSQL on the same base (MLFLOW_DB=postgres)
+	$(PY) scripts/container.py postgres-image
+
+compose-up: container mlflow-image $(if $(filter postgres,$(MLFLOW_DB)),postgres-image,)  ## the service + MLflow server (MLFLOW_DB=postgres for PostgreSQL) on 127.0.0.1
+	CONTAINERS_CONF=$$($(PY) scripts/container.py conf) $(COMPOSE) -p $(COMPOSE_PROJECT) $(COMPOSE_FILES) up -d
+
+compose-down:  ## stop and remove the compose services (volumes are kept)
+	CONTAINERS_CONF=$$($(PY) scripts/container.py conf) $(COMPOSE) -p $(COMPOSE_PROJECT) $(COMPOSE_FILES) down
+
 lint: setup  ## ruff check + format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -112,7 +146,7 @@ typecheck: setup  ## mypy --strict
 pytest: setup  ## the test suite with coverage
 	$(PY) -m pytest --cov --cov-report=term --cov-fail-under=90
 
-test: setup lint typecheck pytest  ## the whole check: set up, lint, types, tests
+test: setup lint typecheck pytest container-smoke  ## the whole check: set up, lint, types, tests, container
 
 clean:  ## remove build outputs (keeps mlflow/, models/ and the BentoML store)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov

@@ -161,6 +161,11 @@ class ServingSettings(_Strict):
     logging: LoggingSettings
     access_log: bool
     auth: AuthSettings = AuthSettings()
+    image_base: str | None = Field(
+        None,
+        description="Container base image for `bentoml build` (python3 and uv inside); "
+        "None = BentoML's standard image for bentofile.yaml's python version.",
+    )
 
 
 #: ``configs/serving.yaml`` or an override is wrong; the message names the key.
@@ -982,7 +987,19 @@ class UploadGate:
 # --------------------------------------------------------------------------- service
 
 
+def service_image(settings: ServingSettings) -> bentoml.images.Image | None:
+    """The image ``bentoml build`` describes: BentoML's standard one, or ``image_base`` as is.
+
+    ``distro="none"`` adds nothing to a custom base: BentoML's Debian layer (build-essential,
+    git) would double the image and needs Debian's network at build time.
+    """
+    if not settings.image_base:
+        return None
+    return bentoml.images.Image(base_image=settings.image_base, distro="none")
+
+
 @bentoml.service(
+    image=service_image(SETTINGS),
     workers=SETTINGS.workers,
     threads=SETTINGS.threads,
     traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
