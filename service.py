@@ -161,6 +161,11 @@ class ServingSettings(_Strict):
     logging: LoggingSettings
     access_log: bool
     auth: AuthSettings = AuthSettings()
+    malloc_arena_max: int | None = Field(
+        None,
+        ge=1,
+        description="MALLOC_ARENA_MAX for the worker processes (glibc); None leaves glibc's default.",
+    )
     image_base: str | None = Field(
         None,
         description="Container base image for `bentoml build` (python3 and uv inside); "
@@ -198,6 +203,12 @@ def load_serving_settings(
 
 
 SETTINGS = load_serving_settings()
+
+# glibc gives threads their own malloc arenas (up to 8 per core); under steady load the workers'
+# memory kept growing for minutes until capped (docs/security.md, soak). `bentoml serve` imports
+# this module before it spawns the workers, so they inherit the cap; an explicit environment wins.
+if SETTINGS.malloc_arena_max is not None:
+    os.environ.setdefault("MALLOC_ARENA_MAX", str(SETTINGS.malloc_arena_max))
 #: ``configs/alerts.yaml``: the service uses its ``drift`` section for the drift gauges.
 ALERTS = load_alert_settings()
 

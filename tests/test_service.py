@@ -635,6 +635,31 @@ def test_multipart_parts_keep_names_and_filenames() -> None:
 # --------------------------------------------------------------------------- settings and logs
 
 
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, "2"),  # configs/serving.yaml's malloc_arena_max
+        ({"FASHION_SERVE_SERVING__MALLOC_ARENA_MAX": "null"}, "unset"),
+        ({"MALLOC_ARENA_MAX": "4"}, "4"),  # an explicit environment wins
+    ],
+)
+def test_malloc_arena_cap_reaches_the_worker_environment(
+    environ: dict[str, str], expected: str
+) -> None:
+    """Importing the service (what `bentoml serve` does before spawning workers) sets the cap."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    code = "import os, service; print(os.environ.get('MALLOC_ARENA_MAX', 'unset'))"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**env, **environ},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip().splitlines()[-1] == expected
+
+
 def test_settings_file_and_env_overrides(tmp_path: Path) -> None:
     default = service.load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
     assert default.model_tag == "fashion-classifier:latest"
