@@ -843,3 +843,11 @@ def test_serving_does_not_import_torch_or_mlflow(bento_home: Path) -> None:
     )
     env = {**os.environ, "BENTOML_HOME": str(bento_home)}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=120)
+
+
+def test_batch_size_one_turns_batching_off() -> None:
+    off = service.BatchingSettings(max_batch_size=1, max_latency_ms=100)
+    assert service.batching(off) == {"batchable": False}
+    on = service.batching(service.SETTINGS.predict)
+    assert on["batchable"] is True
+    assert on["max_batch_size"] == service.SETTINGS.predict.max_batch_size
