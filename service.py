@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 import anyio.to_thread
 import bentoml
 import numpy as np
-import onnxruntime as ort
 from _bentoml_sdk.io_models import IORootModel  # type: ignore[import-untyped]
 from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
@@ -535,6 +534,10 @@ Logits = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 
 def onnx_logits(onnx_path: Path, settings: ServingSettings) -> Logits:
     """An ONNX Runtime session on the CPU, as a function from pixels to logits."""
+    # Imported here, in the worker: `bentoml serve`'s arbiter imports this module too, only to
+    # read the service definition, and every 0.1 s of import there is cold start.
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.onnx_intra_op_threads
     options.inter_op_num_threads = settings.onnx_inter_op_threads

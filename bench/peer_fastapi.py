@@ -6,7 +6,7 @@ loaded from MLflow with ``mlflow.pytorch.load_model``, and the project's own dec
 preprocessing (``train.preprocess``), so the comparison isolates the serving design: one model
 call per request, no adaptive batching, FastAPI's multipart parsing, torch instead of ONNX Runtime.
 
-``bench/suite.py`` starts it as ``uvicorn bench.peer_fastapi:app --workers N`` with:
+``bench/suite.py`` starts it with ``python -m bench.peer_serve --workers N`` (uvicorn, see there) and:
 
 - ``FASHION_PEER_MODEL_URI``: e.g. ``models:/fashion-classifier@champion`` (with
   ``MLFLOW_TRACKING_URI`` pointing at the project's store), or

@@ -212,7 +212,6 @@ def raw_throughput(
     import torch
 
     module = torch.load(files.module_path, map_location="cpu", weights_only=False).eval()
-    tensor = torch.from_numpy(pixels)
     results = []
     for threads in thread_counts:
         options = ort.SessionOptions()
@@ -221,34 +220,27 @@ def raw_throughput(
         session = ort.InferenceSession(
             str(files.onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
-        calls, elapsed = _time_calls(
-            functools.partial(session.run, None, {"input": pixels}), seconds
-        )
-        results.append(
-            RawResult(
-                "ONNX Runtime",
-                threads,
-                len(pixels),
-                calls * len(pixels) / elapsed,
-                1000 * elapsed / calls,
-            )
-        )
         torch.set_num_threads(threads)
+        # Batch 1 too: how much a batch saves per image is what adaptive batching can win.
+        for batch in (1, len(pixels)):
+            inputs = pixels[:batch]
+            tensor = torch.from_numpy(inputs)
 
-        def eager() -> None:
-            with torch.inference_mode():
-                module(tensor)
+            def eager(tensor: Any = tensor) -> None:
+                with torch.inference_mode():
+                    module(tensor)
 
-        calls, elapsed = _time_calls(eager, seconds)
-        results.append(
-            RawResult(
-                "eager torch",
-                threads,
-                len(pixels),
-                calls * len(pixels) / elapsed,
-                1000 * elapsed / calls,
+            runs = (
+                ("ONNX Runtime", functools.partial(session.run, None, {"input": inputs})),
+                ("eager torch", eager),
             )
-        )
+            for runtime, call in runs:
+                calls, elapsed = _time_calls(call, seconds)
+                results.append(
+                    RawResult(
+                        runtime, threads, batch, calls * batch / elapsed, 1000 * elapsed / calls
+                    )
+                )
     return results
 
 
@@ -301,16 +293,8 @@ def serving_key(key: str) -> str:
 
 
 def peer_command(workers: int) -> list[str]:
-    """``uvicorn bench.peer_fastapi:app`` with ``workers`` processes, no access log."""
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "bench.peer_fastapi:app",
-        f"--workers={workers}",
-        "--no-access-log",
-        "--log-level=warning",
-    ]
+    """``bench/peer_serve.py``: ``uvicorn bench.peer_fastapi:app`` with ``workers`` processes."""
+    return [sys.executable, "-m", "bench.peer_serve", f"--workers={workers}"]
 
 
 def run_setup(
@@ -395,7 +379,11 @@ def check_goals(results: Sequence[SetupResult], raw: Sequence[RawResult], nproc:
         None,
     )
     raw_ort = max(
-        (r.images_per_s for r in raw if r.runtime == "ONNX Runtime" and r.threads == nproc),
+        (
+            r.images_per_s
+            for r in raw
+            if r.runtime == "ONNX Runtime" and r.threads == nproc and r.batch == RAW_BATCH
+        ),
         default=None,
     )
     if ours and peer:
@@ -522,15 +510,18 @@ def render_markdown(report: dict[str, Any], results: Sequence[SetupResult]) -> s
         f"({machine['nproc']} cores = {100 * int(machine['nproc'])}%); load1 is the 1-minute "
         "load average at the end of the scenario.",
         "",
-        f"## Model only (no HTTP), batch {RAW_BATCH}",
+        "## Model only (no HTTP)",
         "",
-        "| runtime | threads | images/s | ms per batch |",
-        "|---|--:|--:|--:|",
+        "The same model and images in this process, no server: the machine's limit, and what a "
+        "batch saves per image (the most adaptive batching can win).",
+        "",
+        "| runtime | threads | batch | images/s | ms per call |",
+        "|---|--:|--:|--:|--:|",
     ]
     for raw in report["raw"]:
         lines.append(
-            f"| {raw['runtime']} | {raw['threads']} | {raw['images_per_s']:.0f} "
-            f"| {raw['ms_per_batch']:.1f} |"
+            f"| {raw['runtime']} | {raw['threads']} | {raw['batch']} "
+            f"| {raw['images_per_s']:.0f} | {raw['ms_per_batch']:.2f} |"
         )
     if report.get("training"):
         lines += ["", report["training"].rstrip()]
@@ -581,7 +572,7 @@ def plot(results: Sequence[SetupResult], raw: Sequence[RawResult], path: Path) -
             if r.scenario.endpoint == "batch_predict":
                 names.append(f"{result.name}\n/batch_predict ×{r.scenario.images}")
                 values.append(r.images_per_s)
-    for item in raw:
+    for item in (r for r in raw if r.batch == RAW_BATCH):
         names.append(f"{item.runtime}\n{item.threads} thr, no HTTP")
         values.append(item.images_per_s)
     colours = ["tab:blue" if "batch_predict" in n else "tab:gray" for n in names]
@@ -619,7 +610,7 @@ class Options:
     stop_timeout: float
     raw_seconds: float
     training: bool
-    training_steps: int
+    training_seconds: float
     output_dir: Path | None
     work_dir: Path | None
 
@@ -673,7 +664,7 @@ def run(options: Options) -> tuple[dict[str, Any], list[SetupResult]]:
         training = training_bench.render(
             training_bench.run_matrix(
                 training_bench.default_matrix(options.tiny),
-                options.training_steps,
+                options.training_seconds,
                 tiny=options.tiny,
             )
         )
@@ -753,7 +744,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--stop-timeout", type=float, default=20.0)
     parser.add_argument("--raw-seconds", type=float, default=3.0, help="per model-only timing")
     parser.add_argument("--skip-training", action="store_true", help="no training-speed table")
-    parser.add_argument("--training-steps", type=int, default=200, help="steps per training run")
+    parser.add_argument(
+        "--training-seconds", type=float, default=20.0, help="timed seconds per training run"
+    )
     parser.add_argument(
         "--output-dir", type=Path, default=DOCS, help="benchmarks.md/.json/.png go here; '-' = none"
     )
@@ -785,7 +778,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         stop_timeout=args.stop_timeout,
         raw_seconds=args.raw_seconds,
         training=not args.skip_training,
-        training_steps=args.training_steps,
+        training_seconds=args.training_seconds,
         output_dir=None if str(args.output_dir) == "-" else args.output_dir,
         work_dir=args.work_dir,
     )
