@@ -9,6 +9,10 @@ temporary BentoML home, a real ``bentoml serve`` process and a real load generat
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +199,32 @@ def test_suite_smoke_tiny(tmp_path: Path) -> None:
     assert {r["runtime"] for r in report["raw"]} == {"ONNX Runtime", "eager torch"}
     assert (out / "benchmarks.png").read_bytes().startswith(b"\x89PNG")
     assert "## Goals" in (out / "benchmarks.md").read_text()
+
+
+@pytest.mark.slow
+def test_request_profile_tiny() -> None:
+    """The in-process profiler drives the real app and splits a request's CPU into phases."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_SERVE_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.profile_request",
+            "--tiny",
+            "--requests=40",
+            "--warmup=5",
+            "--profile",
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ms CPU and" in result.stdout
+    phases = re.findall(r"^\s+(\d+) µs\s+(\d+)%\s+(.+)$", result.stdout, re.MULTILINE)
+    names = {name for _, _, name in phases}
+    assert {"model call", "decode (PIL)", "multipart parsing + body"} <= names
+    assert 90 <= sum(int(share) for _, share, _ in phases) <= 110
