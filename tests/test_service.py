@@ -585,7 +585,11 @@ def test_torch_backend_matches_onnx(
     settings = service.SETTINGS.model_copy(
         update={"backend": "torch", "torch_model_path": module_path}
     )
-    torch_runtime = service.ModelRuntime.from_bento_model(stored, settings)
+    threads = torch.get_num_threads()
+    try:
+        torch_runtime = service.ModelRuntime.from_bento_model(stored, settings)
+    finally:  # the backend sets torch's thread count for the process; later tests keep theirs
+        torch.set_num_threads(threads)
     assert torch_runtime.backend == "torch"
     pixels = to_model_input([prepare_image(Image.open(io.BytesIO(PNG)), SPEC)] * 2)
     onnx_scores = [p.scores for p in svc.runtime.predict(pixels)]
