@@ -27,6 +27,7 @@ Settings come from ``configs/serving.yaml`` with ``FASHION_SERVE_SERVING__KEY`` 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import hmac
@@ -37,24 +38,24 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import anyio.to_thread
 import bentoml
 import numpy as np
-import onnxruntime as ort
 from _bentoml_sdk.io_models import IORootModel  # type: ignore[import-untyped]
 from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
 from loguru import logger
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.responses import Response
 
 from train.monitoring import (
     REFERENCE_FILE,
@@ -105,7 +106,9 @@ class _Strict(BaseModel):
 class BatchingSettings(_Strict):
     """Adaptive batching of one endpoint."""
 
-    max_batch_size: int = Field(ge=2, description="Most images in one ONNX Runtime call.")
+    max_batch_size: int = Field(
+        ge=1, description="Most images in one model call (1 turns batching off, for benchmarks)."
+    )
     max_latency_ms: int = Field(
         gt=0, description="Queue wait + estimated batch time after which BentoML answers 503."
     )
@@ -150,6 +153,18 @@ class ServingSettings(_Strict):
     threads: int = Field(ge=1)
     onnx_intra_op_threads: int = Field(ge=1)
     onnx_inter_op_threads: int = Field(ge=1)
+    backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="onnx (the product) or torch (eager, for benchmarks; needs torch)."
+    )
+    torch_model_path: Path | None = Field(
+        None, description="A torch.save'd nn.Module, the same model as model_tag (backend torch)."
+    )
+    inline_infer_max_images: int = Field(
+        0,
+        ge=0,
+        description="Batches up to this size run on the event loop (no thread hop); larger in a "
+        "worker thread so request parsing goes on meanwhile.",
+    )
     predict: BatchingSettings
     batch_predict: BatchingSettings
     timeout_s: float = Field(gt=0)
@@ -310,14 +325,24 @@ class BatchPredictInput(bentoml.IODescriptor):  # type: ignore[misc]
         return parsed
 
 
+_PREDICTIONS_JSON = TypeAdapter(list[Prediction])
+
+
+def _json_response(body: bytes) -> Response:
+    # One complete body: BentoML's streaming response sends an extra empty body message, and
+    # every message passes five send wrappers.
+    return Response(content=body, media_type="application/json")
+
+
 class PredictOutput(bentoml.IODescriptor, Prediction):  # type: ignore[misc]
     """The prediction for the one image."""
 
     @classmethod
     async def to_http_response(cls, obj: Any, serde: Any) -> Any:
-        """Unwrap the batched result (a list of one) into a single object."""
+        """Unwrap the batched result (a list of one) into a single JSON object."""
         _record(obj)
-        return await super().to_http_response(obj[0], serde)
+        prediction: Prediction = obj[0]
+        return _json_response(prediction.__pydantic_serializer__.to_json(prediction))
 
 
 class BatchPredictOutput(IORootModel[list[Prediction]]):  # type: ignore[misc]
@@ -325,9 +350,9 @@ class BatchPredictOutput(IORootModel[list[Prediction]]):  # type: ignore[misc]
 
     @classmethod
     async def to_http_response(cls, obj: Any, serde: Any) -> Any:
-        """Serialise the list of predictions."""
+        """Serialise the list of predictions as a JSON array."""
         _record(obj)
-        return await super().to_http_response(obj, serde)
+        return _json_response(_PREDICTIONS_JSON.dump_json(obj))
 
 
 # --------------------------------------------------------------------------- metrics and logs
@@ -681,8 +706,52 @@ def select_files(
 # --------------------------------------------------------------------------- model
 
 
+Logits = Callable[[NDArray[np.float32]], NDArray[np.float32]]
+
+
+def onnx_logits(onnx_path: Path, settings: ServingSettings) -> Logits:
+    """An ONNX Runtime session on the CPU, as a function from pixels to logits."""
+    # Imported here, in the worker: `bentoml serve`'s arbiter imports this module too, only to
+    # read the service definition, and every 0.1 s of import there is cold start.
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.onnx_intra_op_threads
+    options.inter_op_num_threads = settings.onnx_inter_op_threads
+    session = ort.InferenceSession(
+        str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+
+    def run(pixels: NDArray[np.float32]) -> NDArray[np.float32]:
+        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})
+        return np.asarray(logits, dtype=np.float32)
+
+    return run
+
+
+def torch_logits(module_path: Path, settings: ServingSettings) -> Logits:
+    """Eager torch on the CPU (``backend: torch``, for the ONNX-vs-torch benchmark only).
+
+    torch is imported here and only here: the product (``backend: onnx``) and its container never
+    import it.
+    """
+    import torch
+
+    torch.set_num_threads(settings.onnx_intra_op_threads)
+    with contextlib.suppress(RuntimeError):  # settable once per process
+        torch.set_num_interop_threads(settings.onnx_inter_op_threads)
+    module = torch.load(module_path, map_location="cpu", weights_only=False).eval()
+
+    def run(pixels: NDArray[np.float32]) -> NDArray[np.float32]:
+        with torch.inference_mode():
+            logits: NDArray[np.float32] = module(torch.from_numpy(pixels)).float().numpy()
+        return logits
+
+    return run
+
+
 class ModelRuntime:
-    """The ONNX model with its classes and preprocessing: bytes in, predictions out."""
+    """The model with its classes and preprocessing: bytes in, predictions out."""
 
     def __init__(
         self,
@@ -691,21 +760,25 @@ class ModelRuntime:
         spec: PreprocessSpec,
         settings: ServingSettings,
     ) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.onnx_intra_op_threads
-        options.inter_op_num_threads = settings.onnx_inter_op_threads
-        self.session = ort.InferenceSession(
-            str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        if settings.backend == "torch":
+            if settings.torch_model_path is None:
+                raise ServingConfigError("backend torch needs torch_model_path")
+            self.logits = torch_logits(settings.torch_model_path, settings)
+        else:
+            self.logits = onnx_logits(onnx_path, settings)
+        self.backend = settings.backend
         self.class_names = list(class_names)
         self.spec = spec
         self.limits = settings.limits
+        self.inline_max = settings.inline_infer_max_images
         self.metrics = service_metrics()
         # Monitoring: prediction-data lines, and the drift window (needs the model's reference).
         self.prediction_data = settings.logging.predictions.enabled
         self.drift: DriftMonitor | None = None
+        # Only batches that fit this many run inline; the rest go to a thread, one at a time.
+        self._thread_limiter = anyio.CapacityLimiter(settings.threads)
         # The first run allocates; do it before the first request.
-        self.session.run([OUTPUT_NAME], {INPUT_NAME: self.blank(1)})
+        self.logits(self.blank(1))
 
     @classmethod
     def from_bento_model(cls, model: bentoml.Model, settings: ServingSettings) -> ModelRuntime:
@@ -770,15 +843,19 @@ class ModelRuntime:
     def predict(self, pixels: NDArray[np.float32]) -> list[Prediction]:
         """Run the model on ``float32 [N, C, H, W]`` pixels and describe each result."""
         started = time.perf_counter()
-        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})
+        logits = self.logits(pixels)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(pixels))
-        probabilities = softmax(np.asarray(logits, dtype=np.float32))
+        probabilities = softmax(logits)
         class_ids = probabilities.argmax(axis=1)
         names = self.class_names
         predictions = []
+        confidence = self.metrics.confidence
+        # model_construct: the values are ours and already typed, so validation is pure cost on
+        # the hot path; the class still documents the response in the OpenAPI schema.
+        construct = Prediction.model_construct
         for row, class_id in zip(probabilities.tolist(), class_ids.tolist(), strict=True):
-            prediction = Prediction(
+            prediction = construct(
                 label=names[class_id],
                 class_id=class_id,
                 confidence=row[class_id],
@@ -786,9 +863,24 @@ class ModelRuntime:
             )
             prediction._batch_started = started
             predictions.append(prediction)
-            self.metrics.predictions.labels(label=names[class_id]).inc()
-            self.metrics.confidence.observe(row[class_id])
+            confidence.observe(row[class_id])
+        # One counter update per predicted class in the batch, not one per image.
+        for class_id, count in enumerate(np.bincount(class_ids, minlength=len(names)).tolist()):
+            if count:
+                self.metrics.predictions.labels(label=names[class_id]).inc(count)
         return predictions
+
+    async def predict_async(self, pixels: NDArray[np.float32]) -> list[Prediction]:
+        """:meth:`predict` inline for small batches, in a worker thread for large ones.
+
+        A thread hop costs a GIL hand-over and a loop wake-up each way (measured: the largest
+        item of a single request's server time after BentoML itself, see docs/performance.md);
+        a small model call is cheaper than that. A large batch runs in the thread, where the
+        model releases the GIL and the event loop goes on parsing the next requests.
+        """
+        if len(pixels) <= self.inline_max:
+            return self.predict(pixels)
+        return await anyio.to_thread.run_sync(self.predict, pixels, limiter=self._thread_limiter)
 
 
 # --------------------------------------------------------------------------- HTTP edge
@@ -1009,6 +1101,21 @@ def service_image(settings: ServingSettings) -> bentoml.images.Image | None:
     return bentoml.images.Image(base_image=settings.image_base, distro="none")
 
 
+def batching(settings: BatchingSettings) -> dict[str, Any]:
+    """``@bentoml.api`` arguments: adaptive batching, or none when ``max_batch_size`` is 1.
+
+    BentoML refuses a batch size of 1; without ``batchable`` every request is one model call
+    (the "batching off" benchmark), with the same input and output as when batched.
+    """
+    if settings.max_batch_size == 1:
+        return {"batchable": False}
+    return {
+        "batchable": True,
+        "max_batch_size": settings.max_batch_size,
+        "max_latency_ms": settings.max_latency_ms,
+    }
+
+
 @bentoml.service(
     image=service_image(SETTINGS),
     workers=SETTINGS.workers,
@@ -1040,26 +1147,22 @@ class Classifier:
         )
 
     @bentoml.api(  # type: ignore[untyped-decorator]
-        batchable=True,
-        max_batch_size=SETTINGS.predict.max_batch_size,
-        max_latency_ms=SETTINGS.predict.max_latency_ms,
+        **batching(SETTINGS.predict),
         input_spec=PredictInput,
         output_spec=PredictOutput,
     )
-    def predict(self, image: NDArray[np.float32]) -> list[Prediction]:
+    async def predict(self, image: NDArray[np.float32]) -> list[Prediction]:
         """Classify one image (multipart file field ``image``); concurrent calls are batched."""
-        return self.runtime.predict(image)
+        return await self.runtime.predict_async(image)
 
     @bentoml.api(  # type: ignore[untyped-decorator]
-        batchable=True,
-        max_batch_size=SETTINGS.batch_predict.max_batch_size,
-        max_latency_ms=SETTINGS.batch_predict.max_latency_ms,
+        **batching(SETTINGS.batch_predict),
         input_spec=BatchPredictInput,
         output_spec=BatchPredictOutput,
     )
-    def batch_predict(self, images: NDArray[np.float32]) -> list[Prediction]:
+    async def batch_predict(self, images: NDArray[np.float32]) -> list[Prediction]:
         """Classify several images (repeated multipart file field ``images``), in order."""
-        return self.runtime.predict(images)
+        return await self.runtime.predict_async(images)
 
 
 # The decorator made Classifier a bentoml.Service, which mypy cannot see.

@@ -202,11 +202,12 @@ def write_bodies(folder: Path, scenario: Scenario, images: Sequence[bytes]) -> B
 # --------------------------------------------------------------------------- model
 
 
-def make_tiny_model(home: Path) -> str:
+def make_tiny_model(home: Path, module_path: Path | None = None) -> str:
     """Import a random ``simple_cnn`` (width 8, Fashion-MNIST classes) into the store at ``home``.
 
     Mirrors ``tests/test_service.py``: :func:`train.export.import_to_bento` with an explicit
-    ``bentoml_home``, so BentoML's global store is untouched.
+    ``bentoml_home``, so BentoML's global store is untouched. With ``module_path``, the torch
+    module is also ``torch.save``'d there (for the torch backend and the peer).
 
     Returns:
         The BentoML model tag.
@@ -235,6 +236,8 @@ def make_tiny_model(home: Path) -> str:
         parity,
         ExportConfig(bentoml_home=home),
     )
+    if module_path is not None:
+        torch.save(model, module_path)
     return str(tag)
 
 
@@ -407,16 +410,30 @@ def free_port(host: str) -> int:
         return port
 
 
-class Server:
-    """A ``bentoml serve service:Classifier`` process in its own process group."""
+def bentoml_command() -> list[str]:
+    """``bentoml serve service:Classifier`` from this interpreter's environment."""
+    return [str(Path(sys.executable).parent / "bentoml"), "serve", "service:Classifier"]
 
-    def __init__(self, host: str, port: int, env: dict[str, str], log: Path) -> None:
+
+class Server:
+    """A server process (by default ``bentoml serve service:Classifier``) in its own group.
+
+    ``command`` gets ``--host HOST --port PORT`` appended and must answer ``GET /readyz``.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        env: dict[str, str],
+        log: Path,
+        command: Sequence[str] | None = None,
+    ) -> None:
         self.url = f"http://{host}:{port}"
         self.log = log
         self.cold_start_s = float("nan")
         self.stopped: str | None = None
-        bentoml_cli = Path(sys.executable).parent / "bentoml"
-        command = [str(bentoml_cli), "serve", "service:Classifier"]
+        command = list(command or bentoml_command())
         self._spawned = time.perf_counter()
         with log.open("wb") as sink:
             self.process = subprocess.Popen(
@@ -453,8 +470,7 @@ class Server:
                     pass
                 if time.perf_counter() > deadline:
                     raise BenchError(
-                        f"bentoml serve not ready in {timeout_s:.0f}s; log tail:\n"
-                        + self.log_tail()
+                        f"server not ready in {timeout_s:.0f}s; log tail:\n" + self.log_tail()
                     )
                 time.sleep(0.05)
 
@@ -462,8 +478,7 @@ class Server:
         """Raise :class:`BenchError` with the log tail if the server has exited."""
         if self.process.poll() is not None:
             raise BenchError(
-                f"bentoml serve exited with {self.process.returncode}; log tail:\n"
-                + self.log_tail()
+                f"server exited with {self.process.returncode}; log tail:\n" + self.log_tail()
             )
 
     def stop(self, timeout_s: float) -> str:
@@ -493,10 +508,15 @@ class Server:
 
 @contextlib.contextmanager
 def serving(
-    host: str, port: int, env: dict[str, str], log: Path, stop_s: float
+    host: str,
+    port: int,
+    env: dict[str, str],
+    log: Path,
+    stop_s: float,
+    command: Sequence[str] | None = None,
 ) -> Iterator[Server]:
     """Start the server, yield it, and always stop it (exceptions and Ctrl-C included)."""
-    server = Server(host, port, env, log)
+    server = Server(host, port, env, log, command)
     try:
         yield server
     finally:
@@ -508,7 +528,10 @@ def serving(
 
 def scrape_metrics(url: str) -> dict[str, float]:
     """``/metrics`` as ``{"name{labels}": value}`` (comments and bad lines skipped)."""
-    text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    response = httpx.get(f"{url}/metrics", timeout=10.0)
+    if response.status_code != 200:  # a server without metrics (the FastAPI peer)
+        return {}
+    text = response.text
     samples: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -897,7 +920,8 @@ def run(options: Options) -> Report:
     return report
 
 
-def _loopback(text: str) -> str:
+def loopback(text: str) -> str:
+    """``text`` if it is a loopback address (argparse type)."""
     if not ipaddress.ip_address(text).is_loopback:
         raise argparse.ArgumentTypeError(f"{text} is not a loopback address")
     return text
@@ -940,7 +964,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument("--images", type=_bounded(1, 10_000), default=512, help="distinct images")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
-    parser.add_argument("--host", type=_loopback, default="127.0.0.1", help="loopback address")
+    parser.add_argument("--host", type=loopback, default="127.0.0.1", help="loopback address")
     parser.add_argument("--port", type=_bounded(0, 65535), default=0, help="0 = a free port")
     parser.add_argument(
         "--workers", type=_bounded(1, 64), default=None, help="override serving workers"

@@ -8,12 +8,18 @@ temporary BentoML home, a real ``bentoml serve`` process and a real load generat
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import service
-from bench import loadgen, serving
+from bench import loadgen, serving, suite, training
 
 
 def test_parse_scenarios() -> None:
@@ -94,3 +100,131 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     page = serving.render_markdown(report, serving.machine_info())
     assert "| /predict | 1 |" in page
     assert "## Errors" not in page
+
+
+# --------------------------------------------------------------------------- make bench (suite)
+
+
+def _row(endpoint: str, conc: int, rps: float, p50: float, p99: float, images: int = 1) -> Any:
+    summary = {
+        "tool": "wrk",
+        "duration_us": 1e6,
+        "requests": rps,
+        "p50_us": p50 * 1000,
+        "p90_us": p99 * 1000,
+        "p99_us": p99 * 1000,
+    }
+    run = serving.ClientRun(summary, cpu_s=0.1, wall_s=1.0)
+    return serving.make_row(serving.Scenario(endpoint, conc, images), run, 1.0, {}, {})
+
+
+def test_goals_are_checked_from_the_rows() -> None:
+    results = [
+        suite.SetupResult(
+            "service",
+            "s",
+            4.0,
+            [
+                _row("predict", 1, 300, 4.0, 9.0),
+                _row("predict", 64, 900, 50.0, 90.0),
+                _row("batch_predict", 4, 40, 90.0, 120.0, images=64),
+            ],
+        ),
+        suite.SetupResult("batching_off", "o", 4.0, [_row("predict", 64, 400, 150.0, 300.0)]),
+        suite.SetupResult("peer", "p", 4.0, [_row("predict", 64, 350, 180.0, 250.0)]),
+    ]
+    raw = [suite.RawResult("ONNX Runtime", 2, 64, 6000.0, 10.0)]
+    goals = suite.check_goals(results, raw, 2)
+    met = [g.met for g in goals]
+    # 900/350 = 2.6x < 3x; batch 2560 img/s < 50% of 6000; everything else met.
+    assert met == [False, True, True, False, True, True, True]
+    assert "2.57×" in goals[0].measured
+    page = suite.render_markdown(
+        {
+            "date": "d",
+            "machine": serving.machine_info(),
+            "load_before": (0.1, 0.2, 0.3),
+            "model": "m",
+            "images": "i",
+            "client": "c",
+            "duration_s": 1,
+            "warmup_s": 0,
+            "raw": [vars(r) for r in raw],
+            "goals": [vars(g) for g in suite.check_goals(results, raw, 2)],
+            "training": "## Training speed\n",
+        },
+        results,
+    )
+    assert "| peer | /predict | 64 | 350.0 |" in page
+    assert page.count("**no**") == 2
+    assert "## Training speed" in page
+
+
+def test_training_table_renders_speedups() -> None:
+    rows = [
+        training.TrainingSpeed("simple_cnn", "DataLoader", 2, 128, 10, 500.0),
+        training.TrainingSpeed("simple_cnn", "in-memory + channels_last", 2, 128, 10, 1500.0),
+    ]
+    table = training.render(rows)
+    assert "| simple_cnn | in-memory + channels_last | 10 | 1500 | 40 | 3.00× |" in table
+    assert training.default_matrix(tiny=True) == [("simple_cnn", v) for v in training.VARIANTS]
+
+
+@pytest.mark.slow
+def test_suite_smoke_tiny(tmp_path: Path) -> None:
+    """Every setup (service, batching off, torch backend, FastAPI peer) serves the tiny model."""
+    out = tmp_path / "docs"
+    code = suite.main(
+        [
+            "--tiny",
+            "--duration=1",
+            "--warmup=1",
+            "--scenarios=predict:2",
+            "--raw-seconds=0.2",
+            "--skip-training",
+            "--images=16",
+            "--workers=1",
+            f"--output-dir={out}",
+            f"--work-dir={tmp_path / 'work'}",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "benchmarks.json").read_text())
+    assert [s["name"] for s in report["setups"]] == list(suite.SETUPS)
+    for setup in report["setups"]:
+        (row,) = setup["rows"]
+        assert row["requests_per_s"] > 0 and sum(row["errors"].values()) == 0, setup
+    mean_batches = {s["name"]: s["rows"][0]["mean_batch"] for s in report["setups"]}
+    assert mean_batches["batching_off"] == 1.0 and mean_batches["peer"] is None
+    assert {r["runtime"] for r in report["raw"]} == {"ONNX Runtime", "eager torch"}
+    assert (out / "benchmarks.png").read_bytes().startswith(b"\x89PNG")
+    assert "## Goals" in (out / "benchmarks.md").read_text()
+
+
+@pytest.mark.slow
+def test_request_profile_tiny() -> None:
+    """The in-process profiler drives the real app and splits a request's CPU into phases."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_SERVE_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.profile_request",
+            "--tiny",
+            "--requests=40",
+            "--warmup=5",
+            "--profile",
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ms CPU and" in result.stdout
+    phases = re.findall(r"^\s+(\d+) µs\s+(\d+)%\s+(.+)$", result.stdout, re.MULTILINE)
+    names = {name for _, _, name in phases}
+    assert {"model call", "decode (PIL)", "multipart parsing + body"} <= names
+    assert 90 <= sum(int(share) for _, share, _ in phases) <= 110

@@ -560,8 +560,8 @@ def test_service_methods_directly(svc: Any, tiny_model: torch.nn.Module) -> None
     files = [service.Upload("images", f"{i}", data) for i, data in enumerate(images)]
     pixels = svc.runtime.prepare(files, "images")
     assert pixels.shape == (3, 1, 28, 28)
-    batch = svc.batch_predict(pixels)
-    single = svc.predict(pixels[:1])
+    batch = asyncio.run(svc.batch_predict(pixels))
+    single = asyncio.run(svc.predict(pixels[:1]))
     assert [p.class_id for p in batch] == expected_scores(tiny_model, images).argmax(
         axis=1
     ).tolist()
@@ -569,6 +569,51 @@ def test_service_methods_directly(svc: Any, tiny_model: torch.nn.Module) -> None
     assert [p.model_dump() for p in single] == [p.model_dump() for p in batch[:1]]
     assert all(isinstance(p, service.Prediction) for p in batch)
     assert svc.runtime.class_names == CLASSES
+
+
+def test_small_batches_run_inline_large_ones_in_a_thread(
+    svc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime: service.ModelRuntime = svc.runtime
+    pixels = runtime.blank(3)
+    threads: list[str] = []
+    real = runtime.logits
+
+    def spy(batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        threads.append(threading.current_thread().name)
+        return real(batch)
+
+    monkeypatch.setattr(runtime, "logits", spy)
+    for inline_max in (3, 2):
+        monkeypatch.setattr(runtime, "inline_max", inline_max)
+        assert len(asyncio.run(runtime.predict_async(pixels))) == 3
+    main = threading.main_thread().name
+    assert threads[0] == main and threads[1] != main
+
+
+def test_torch_backend_matches_onnx(
+    svc: Any, tiny_model: torch.nn.Module, bento_home: Path, tmp_path: Path
+) -> None:
+    module_path = tmp_path / "module.pt"
+    torch.save(tiny_model, module_path)
+    stored = bentoml.models.get(service.SETTINGS.model_tag)
+    settings = service.SETTINGS.model_copy(
+        update={"backend": "torch", "torch_model_path": module_path}
+    )
+    threads = torch.get_num_threads()
+    try:
+        torch_runtime = service.ModelRuntime.from_bento_model(stored, settings)
+    finally:  # the backend sets torch's thread count for the process; later tests keep theirs
+        torch.set_num_threads(threads)
+    assert torch_runtime.backend == "torch"
+    pixels = to_model_input([prepare_image(Image.open(io.BytesIO(PNG)), SPEC)] * 2)
+    onnx_scores = [p.scores for p in svc.runtime.predict(pixels)]
+    for got, want in zip(torch_runtime.predict(pixels), onnx_scores, strict=True):
+        assert got.scores == pytest.approx(want, abs=1e-5)
+    with pytest.raises(service.ServingConfigError, match="torch_model_path"):
+        service.ModelRuntime.from_bento_model(
+            stored, settings.model_copy(update={"torch_model_path": None})
+        )
 
 
 def test_prepare_names_the_file(svc: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -926,3 +971,20 @@ def test_log_files_rotate_and_are_read_back_whole(
     assert ids == list(range(40))
     streamed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [e["request_id"] for e in streamed] == [f"rot-{i}" for i in range(40)]
+
+
+def test_serving_does_not_import_torch_or_mlflow(bento_home: Path) -> None:
+    code = (
+        "import sys, service; "
+        "assert not {'torch', 'mlflow'} & set(sys.modules), 'torch or mlflow imported'"
+    )
+    env = {**os.environ, "BENTOML_HOME": str(bento_home)}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=120)
+
+
+def test_batch_size_one_turns_batching_off() -> None:
+    off = service.BatchingSettings(max_batch_size=1, max_latency_ms=100)
+    assert service.batching(off) == {"batchable": False}
+    on = service.batching(service.SETTINGS.predict)
+    assert on["batchable"] is True
+    assert on["max_batch_size"] == service.SETTINGS.predict.max_batch_size

@@ -1,0 +1,99 @@
+"""The benchmark's peer: the service a user would write by hand, FastAPI + uvicorn + eager torch.
+
+Same endpoints and JSON as ``service.py`` (``POST /predict`` with file field ``image``,
+``POST /batch_predict`` with repeated ``images``, ``GET /readyz``), the same registered model,
+loaded from MLflow with ``mlflow.pytorch.load_model``, and the project's own decoding and
+preprocessing (``train.preprocess``), so the comparison isolates the serving design: one model
+call per request, no adaptive batching, FastAPI's multipart parsing, torch instead of ONNX Runtime.
+
+``bench/suite.py`` starts it with ``python -m bench.peer_serve --workers N`` (uvicorn, see there) and:
+
+- ``FASHION_PEER_MODEL_URI``: e.g. ``models:/fashion-classifier@champion`` (with
+  ``MLFLOW_TRACKING_URI`` pointing at the project's store), or
+- ``FASHION_PEER_TORCH_FILE`` + ``FASHION_PEER_META`` (a ``torch.save``'d module and a JSON file
+  with ``class_names`` and ``preprocess``), used by ``--tiny`` runs that have no registry;
+- ``FASHION_PEER_THREADS``: torch threads per worker (the suite passes the service's setting).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, HTTPException, UploadFile
+
+from train.preprocess import (
+    ImageDecodeError,
+    PreprocessSpec,
+    decode_image,
+    prepare_image,
+    softmax,
+    to_model_input,
+)
+
+MAX_PIXELS = 40_000_000
+
+
+def load() -> tuple[torch.nn.Module, list[str], PreprocessSpec]:
+    """The model, its class names and preprocessing, from MLflow or from files (``--tiny``)."""
+    uri = os.environ.get("FASHION_PEER_MODEL_URI")
+    if uri:
+        import mlflow
+
+        metadata: dict[str, Any] = mlflow.models.get_model_info(uri).metadata or {}
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    else:
+        model = torch.load(os.environ["FASHION_PEER_TORCH_FILE"], weights_only=False)
+        metadata = json.loads(Path(os.environ["FASHION_PEER_META"]).read_text())
+    classes = [str(name) for name in metadata["class_names"]]
+    return model.eval(), classes, PreprocessSpec.model_validate(metadata["preprocess"])
+
+
+torch.set_num_threads(int(os.environ.get("FASHION_PEER_THREADS", "1")))
+MODEL, CLASSES, SPEC = load()
+app = FastAPI(title="fashion-serve peer (FastAPI + eager torch)")
+
+
+def classify(blobs: list[bytes]) -> list[dict[str, Any]]:
+    """Decode, preprocess and classify the images in one torch call."""
+    try:
+        arrays = [prepare_image(decode_image(blob, MAX_PIXELS), SPEC) for blob in blobs]
+    except ImageDecodeError as exc:
+        raise HTTPException(status_code=415, detail=str(exc)) from exc
+    with torch.inference_mode():
+        logits = MODEL(torch.from_numpy(to_model_input(arrays))).numpy()
+    probabilities = softmax(np.asarray(logits, dtype=np.float32))
+    answers = []
+    for row in probabilities.tolist():
+        class_id = int(np.argmax(row))
+        answers.append(
+            {
+                "label": CLASSES[class_id],
+                "class_id": class_id,
+                "confidence": row[class_id],
+                "scores": dict(zip(CLASSES, row, strict=True)),
+            }
+        )
+    return answers
+
+
+@app.get("/readyz")
+async def readyz() -> dict[str, str]:
+    """Ready once the module (and so the model) has loaded."""
+    return {"status": "ok"}
+
+
+@app.post("/predict")
+async def predict(image: Annotated[UploadFile, File()]) -> dict[str, Any]:
+    """Classify one image."""
+    return classify([await image.read()])[0]
+
+
+@app.post("/batch_predict")
+async def batch_predict(images: Annotated[list[UploadFile], File()]) -> list[dict[str, Any]]:
+    """Classify several images, in order."""
+    return classify([await image.read() for image in images])
