@@ -310,7 +310,7 @@ def apt_mirror(suite: str, apt_dir: Path = Path("/etc/apt")) -> str:
 
 
 def uv_binary(which: Callable[[str], str | None] = shutil.which) -> Path:
-    """The ``uv`` next to this Python (BentoML installs it), else the one on PATH.
+    """The ``uv`` next to this Python (the dev extra installs it), else the one on PATH.
 
     Raises:
         ContainerError: no uv.
@@ -321,7 +321,7 @@ def uv_binary(which: Callable[[str], str | None] = shutil.which) -> Path:
     found = which("uv")
     if found:
         return Path(found)
-    raise ContainerError("no uv found: run `make setup` (BentoML installs uv into .venv)")
+    raise ContainerError("no uv found: run `make setup` (the dev extra installs uv into .venv)")
 
 
 def uv_version(uv: Path, runner: Runner = run) -> str:
