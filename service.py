@@ -27,6 +27,7 @@ Settings come from ``configs/serving.yaml`` with ``FASHION_SERVE_SERVING__KEY`` 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import functools
@@ -36,6 +37,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -468,7 +470,82 @@ def _is_prediction_data(record: loguru.Record) -> bool:
 
 
 def _is_log(record: loguru.Record) -> bool:
-    return "prediction_data" not in record["extra"]
+    return "prediction_data" not in record["extra"] and _BATCH_KEY not in record["extra"]
+
+
+_BATCH_KEY = "_batched_lines"
+
+
+class LineBatcher:
+    """Log lines collected in memory and written to their files in one message per interval.
+
+    A loguru file sink checks its size (``seek`` + ``tell``) and writes (line-buffered) for every
+    record: three system calls and a lock per line, in the request, on the event loop. Here the
+    request only appends its formatted line to a list; a daemon thread hands each file its lines
+    as one record every ``flush_interval_s``, so loguru's rotation, retention and compression
+    still apply, per batch. A ``kill -9`` loses at most one interval of lines; a normal exit
+    writes everything (``atexit``).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._interval = 0.0
+        self._thread: threading.Thread | None = None
+
+    def sink(self, target: str) -> Callable[[loguru.Message], None]:
+        """A loguru sink that keeps lines for the file sink bound to ``target``."""
+        lines = self._buffers.setdefault(target, [])
+        lock = self._lock
+
+        def keep(message: loguru.Message) -> None:
+            record = message.record
+            line = record["message"] if "prediction_data" in record["extra"] else None
+            with lock:
+                lines.append(line if line is not None else _cached_json_line(record))
+
+        return keep
+
+    def start(self, interval: float) -> None:
+        """Write every ``interval`` seconds from now on (one thread per process)."""
+        self._interval = interval
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="log-lines", daemon=True)
+            self._thread.start()
+        self._wake.set()  # a waiting thread takes the new interval now
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every collected line now."""
+        with self._lock:
+            batches = [(target, lines[:]) for target, lines in self._buffers.items() if lines]
+            for lines in self._buffers.values():
+                lines.clear()
+        for target, lines in batches:
+            lines.append("")  # the batch ends with a newline
+            logger.bind(**{_BATCH_KEY: target}).opt(raw=True).info("\n".join(lines))
+
+    def reset(self) -> None:
+        """Write what is left and forget the targets (before the sinks are reconfigured)."""
+        self.flush()
+        with self._lock:
+            self._buffers.clear()
+
+
+LINES = LineBatcher()
+atexit.register(LINES.flush)
+
+
+def flush_logs() -> None:
+    """Write every log and prediction-data line still held in memory (tests, shutdown)."""
+    LINES.flush()
+    logger.complete()
 
 
 class _InterceptHandler(logging.Handler):
@@ -490,11 +567,11 @@ def configure_logging(settings: LoggingSettings, worker: str | None = None) -> N
     Stdlib loggers keep BentoML's levels (root at WARNING, ``bentoml`` at ``settings.level``), so
     uvicorn's access log stays off. Files are per worker process (``{worker}`` in the path):
     BentoML's workers are separate processes, each with its own loguru, and loguru's rotation
-    is only safe with one writer per file. Each file's ``enqueue`` setting chooses between a
-    line-buffered write in the request (default: cheaper, see ``bench/monitoring_overhead.py``)
-    and loguru's writer thread (for slow disks).
+    is only safe with one writer per file. A file with ``flush_interval_s`` > 0 gets its lines in
+    batches from :class:`LineBatcher`; 0 writes each line in the request (line-buffered).
     """
     worker = worker or worker_name()
+    LINES.reset()
     logger.remove()
     stream = {"stdout": sys.stdout, "stderr": sys.stderr}.get(settings.stream)
     if stream is not None:
@@ -504,24 +581,31 @@ def configure_logging(settings: LoggingSettings, worker: str | None = None) -> N
 
         # format="{message}": the JSON is built from the record, loguru's own text is unused.
         logger.add(write, level=settings.level, filter=_is_log, format="{message}")
-    for spec, level, keep in (
-        (settings.file, settings.level, _is_log),
-        (settings.predictions, 0, _is_prediction_data),
+    intervals = []
+    for target, spec, level, keep in (
+        ("log", settings.file, settings.level, _is_log),
+        ("predictions", settings.predictions, 0, _is_prediction_data),
     ):
-        if spec.enabled:
-            path = spec.for_worker(worker)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            logger.add(
-                path,
-                level=level,
-                filter=keep,
-                # A str format gets loguru's "\n{exception}" appended: no newline of our own.
-                format=_file_format if keep is _is_log else "{message}",
-                rotation=spec.rotation,
-                retention=spec.retention,
-                compression=spec.compression,
-                enqueue=spec.enqueue,
-            )
+        if not spec.enabled:
+            continue
+        path = spec.for_worker(worker)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        batched = spec.flush_interval_s > 0
+        if batched:
+            intervals.append(spec.flush_interval_s)
+            logger.add(LINES.sink(target), level=level, filter=keep, format="{message}")
+        logger.add(
+            path,
+            level=0 if batched else level,
+            filter=_batch_of(target) if batched else keep,
+            # A str format gets loguru's "\n{exception}" appended: no newline of our own.
+            format=_file_format if keep is _is_log and not batched else "{message}",
+            rotation=spec.rotation,
+            retention=spec.retention,
+            compression=spec.compression,
+        )
+    if intervals:
+        LINES.start(min(intervals))
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(("bentoml", "uvicorn", "circus")):
@@ -529,6 +613,13 @@ def configure_logging(settings: LoggingSettings, worker: str | None = None) -> N
             named.handlers = []
             named.propagate = True
     logging.getLogger("bentoml").setLevel(settings.level)
+
+
+def _batch_of(target: str) -> Callable[[loguru.Record], bool]:
+    def accepts(record: loguru.Record) -> bool:
+        return record["extra"].get(_BATCH_KEY) == target
+
+    return accepts
 
 
 def record_predictions(exchange: Exchange, runtime: ModelRuntime) -> float | None:

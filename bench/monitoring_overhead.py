@@ -7,8 +7,9 @@ loop with made-up 10-class predictions, and the time the calling thread (the eve
 server) spends is printed in microseconds per request:
 
 * the per-request JSON log line with no sink, with the stream sink (to ``/dev/null``), and with
-  the stream plus the per-worker file sink, line-buffered in the request or queued to loguru's
-  writer thread (``enqueue``; that thread competes for the GIL while the loop runs);
+  the stream plus the per-worker file sink, written line by line in the request
+  (``flush_interval_s: 0``) or kept in memory for the batched writer (the default; the batch
+  writes themselves happen on the writer thread once per interval and are not in the figure);
 * :func:`service.record_predictions` for requests of ``--images`` images: queue-time metric only,
   plus the prediction-data lines, plus the drift window;
 * one recomputation of the drift gauge over a full window (every ``drift.every`` predictions).
@@ -44,7 +45,7 @@ def per_call_us(action: Callable[[], object], calls: int, repeats: int = 3) -> f
         for _ in range(calls):
             action()
         best = min(best, time.perf_counter() - started)
-        logger.complete()  # drain the file sinks' queue outside the timed part
+        service.flush_logs()  # batched lines are written outside the timed part
     return best / calls * 1e6
 
 
@@ -65,7 +66,9 @@ def predictions(count: int, rng: np.random.Generator) -> list[service.Prediction
 
 
 @contextlib.contextmanager
-def sinks(folder: Path, stream: str, files: bool, enqueue: bool | None = None) -> Iterator[None]:
+def sinks(
+    folder: Path, stream: str, files: bool, flush_interval_s: float | None = None
+) -> Iterator[None]:
     """Configure the service's logging like a worker does, into ``folder``; stdout to /dev/null."""
     logging = service.SETTINGS.logging
     settings = logging.model_copy(
@@ -73,11 +76,11 @@ def sinks(folder: Path, stream: str, files: bool, enqueue: bool | None = None) -
             "stream": stream,
             "file": logging.file.model_copy(
                 update={"enabled": files, "path": str(folder / "service.{worker}.jsonl")}
-                | ({} if enqueue is None else {"enqueue": enqueue})
+                | ({} if flush_interval_s is None else {"flush_interval_s": flush_interval_s})
             ),
             "predictions": logging.predictions.model_copy(
                 update={"enabled": files, "path": str(folder / "predictions.{worker}.jsonl")}
-                | ({} if enqueue is None else {"enqueue": enqueue})
+                | ({} if flush_interval_s is None else {"flush_interval_s": flush_interval_s})
             ),
         }
     )
@@ -86,7 +89,7 @@ def sinks(folder: Path, stream: str, files: bool, enqueue: bool | None = None) -
         try:
             yield
         finally:
-            logger.complete()
+            service.flush_logs()
             logger.remove()
 
 
@@ -129,13 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = [f"µs per request in the calling thread (best of 3 × {args.requests}):"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for label, stream, files, enqueue in (
+        for label, stream, files, interval in (
             ("request log line, no sink", "none", False, None),
             ("request log line, stdout", "stdout", False, None),
-            ("request log line, stdout + file (line-buffered)", "stdout", True, False),
-            ("request log line, stdout + file (enqueue=True)", "stdout", True, True),
+            ("request log line, stdout + file (line by line)", "stdout", True, 0.0),
+            ("request log line, stdout + file (batched, 1 s)", "stdout", True, 1.0),
         ):
-            with sinks(folder, stream, files, enqueue):
+            with sinks(folder, stream, files, interval):
                 rows.append(f"  {label:<52} {per_call_us(request_line, args.requests):8.1f}")
         with sinks(folder, "none", True):
             for count in args.images:

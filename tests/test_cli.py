@@ -88,10 +88,14 @@ def test_data_fit_promote_evaluate_report(
     readme.write_text("# x\n<!-- model-table:start -->\nold\n<!-- model-table:end -->\n")
     monkeypatch.setattr("train.report.PROJECT_ROOT", tmp_path)
     monkeypatch.setattr("train.report.update_readme.__defaults__", (readme,))
+    assert main(["fit", *args, "registry.floor=0.0", "model.width=8"]) == 0
     assert main(["report", *args]) == 0
     out = capsys.readouterr().out
-    assert "| simple_cnn |" in out
-    assert "| simple_cnn |" in readme.read_text() and "old" not in readme.read_text()
+    width = settings.model.width
+    # One row per architecture and width: the narrower run is its own row, not a replacement.
+    rows = [line for line in out.splitlines() if line.startswith("| simple_cnn |")]
+    assert sorted(row.split("|")[2].strip() for row in rows) == sorted({str(width), "8"})
+    assert f"| simple_cnn | {width} |" in readme.read_text() and "old" not in readme.read_text()
 
 
 def test_promote_with_nothing_trained(

@@ -932,7 +932,7 @@ def test_prediction_data_and_drift_gauge(svc: Any, log_files: Path) -> None:
     )
     assert brightness_psi is not None
     assert brightness_psi > service.ALERTS.rules.drift.psi_threshold
-    logger.complete()  # the file sinks write from a queue
+    service.flush_logs()  # the file sinks get their lines in batches
     lines = [
         json.loads(line)
         for path in log_files.glob("predictions.*.jsonl")
@@ -945,32 +945,68 @@ def test_prediction_data_and_drift_gauge(svc: Any, log_files: Path) -> None:
     assert not any(entry["request_id"] == "unrecorded" for entry in lines)
 
 
-def test_log_files_rotate_and_are_read_back_whole(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Rotation from the settings splits the worker's file; the readers glob every piece."""
-    from train.monitoring import expand, request_entries
-
+def _file_logging(
+    folder: Path, flush_interval_s: float, rotation: str = "100 MB"
+) -> service.LoggingSettings:
+    """The service's logging settings with the request log (only) in ``folder``."""
     logging_settings = service.SETTINGS.logging
-    settings = logging_settings.model_copy(
+    return logging_settings.model_copy(
         update={
             "stream": "stdout",
             "file": logging_settings.file.model_copy(
-                update={"path": str(tmp_path / "service.{worker}.jsonl"), "rotation": "2 KB"}
+                update={
+                    "path": str(folder / "service.{worker}.jsonl"),
+                    "rotation": rotation,
+                    "flush_interval_s": flush_interval_s,
+                }
             ),
             "predictions": logging_settings.predictions.model_copy(update={"enabled": False}),
         }
     )
+
+
+@pytest.mark.parametrize("flush_interval_s", [0.0, 600.0])
+def test_log_files_rotate_and_are_read_back_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flush_interval_s: float
+) -> None:
+    """Rotation splits the worker's file (per line, or per batch); readers glob every piece."""
+    from train.monitoring import expand, request_entries
+
+    settings = _file_logging(tmp_path, flush_interval_s, rotation="2 KB")
     service.configure_logging(settings, worker="worker-7")
     for i in range(40):
         logger.bind(logger="fashion_serve.request", request_id=f"rot-{i}", status=200).info("x")
-    logger.complete()
+        if i % 8 == 7:
+            service.flush_logs()  # a batch per 8 lines when batched; a no-op line by line
     files = expand([settings.file.pattern()])
     assert len(files) > 2 and all(f.name.startswith("service.worker-7.") for f in files)
     ids = sorted(int(e["request_id"].split("-")[1]) for e in request_entries(files))
     assert ids == list(range(40))
     streamed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [e["request_id"] for e in streamed] == [f"rot-{i}" for i in range(40)]
+
+
+def test_batched_log_lines_reach_the_file_from_the_writer_thread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The request only keeps its line; the writer thread appends it within the interval."""
+    settings = _file_logging(tmp_path, flush_interval_s=0.05)
+    service.configure_logging(settings, worker="worker-3")
+    path = settings.file.for_worker("worker-3")
+    logger.bind(logger="fashion_serve.request", request_id="batched-1", status=200).info("x")
+    assert "batched-1" in capsys.readouterr().out  # the stream is written at once
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "batched-1" not in (
+        path.read_text() if path.exists() else ""
+    ):
+        time.sleep(0.01)
+    assert [json.loads(line)["request_id"] for line in path.read_text().splitlines()] == [
+        "batched-1"
+    ]
+    # Reconfiguring (a new worker setup) writes what is still held before the sinks change.
+    logger.bind(logger="fashion_serve.request", request_id="batched-2", status=200).info("x")
+    service.configure_logging(_file_logging(tmp_path, flush_interval_s=0.0), worker="worker-4")
+    assert "batched-2" in path.read_text()
 
 
 def test_serving_does_not_import_torch_or_mlflow(bento_home: Path) -> None:

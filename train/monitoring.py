@@ -65,9 +65,14 @@ class LogFileSettings(_Strict):
     rotation: str = Field(description="loguru rotation, e.g. '100 MB' or '1 day'.")
     retention: str = Field(description="loguru retention, e.g. '7 days' or '10 files'.")
     compression: str | None = Field(None, description="e.g. 'gz' for rotated files.")
-    enqueue: bool = Field(
-        False,
-        description="Write from loguru's thread (true) or in the request, line-buffered (false).",
+    flush_interval_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description=(
+            "Seconds between batched writes: requests append their lines in memory and a "
+            "background thread writes them together; 0 writes each line in the request."
+        ),
     )
 
     def for_worker(self, worker: str) -> Path:

@@ -1,4 +1,4 @@
-"""The README's model table: the best finished run per architecture, read back from MLflow.
+"""The README's model table: the best finished run per architecture and width, from MLflow.
 
 ``python -m train report`` prints the table and rewrites the block between the markers in
 README.md, so every number there comes from a logged run.
@@ -16,16 +16,16 @@ from train.config import PROJECT_ROOT, Settings
 START = "<!-- model-table:start -->"
 END = "<!-- model-table:end -->"
 HEADER = (
-    "| architecture | parameters | size (MB) | epochs | minutes | val accuracy | test accuracy "
-    "| machine | run |\n|---|---:|---:|---:|---:|---:|---:|---|---|"
+    "| architecture | width | parameters | size (MB) | epochs | minutes | val accuracy "
+    "| test accuracy | machine | run |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
 )
 
 
 def best_runs(settings: Settings) -> list[Run]:
-    """The best finished run (by the registry metric) of each architecture."""
+    """The best finished run (by the registry metric) of each architecture at each width."""
     metric = settings.registry.metric
     runs = tracking.finished_runs(settings.tracking, settings.registry.max_runs)
-    best: dict[str, Run] = {}
+    best: dict[tuple[str, str], Run] = {}
     for run in runs:
         arch = run.data.tags.get("architecture")
         if (
@@ -34,18 +34,20 @@ def best_runs(settings: Settings) -> list[Run]:
             or "test_accuracy" not in run.data.metrics
         ):
             continue
-        if arch not in best or run.data.metrics[metric] > best[arch].data.metrics[metric]:
-            best[arch] = run
+        key = (arch, run.data.params.get("model.width", "?"))
+        if key not in best or run.data.metrics[metric] > best[key].data.metrics[metric]:
+            best[key] = run
     return sorted(best.values(), key=lambda r: -r.data.metrics["test_accuracy"])
 
 
 def model_table(settings: Settings) -> str:
-    """Markdown table, one row per architecture."""
+    """Markdown table, one row per architecture and width (base channels of the small CNNs)."""
     rows = [HEADER]
     for run in best_runs(settings):
         m = run.data.metrics
         rows.append(
-            f"| {run.data.tags['architecture']} | {int(m.get('parameters', 0)):,} "
+            f"| {run.data.tags['architecture']} | {run.data.params.get('model.width', '?')} "
+            f"| {int(m.get('parameters', 0)):,} "
             f"| {m.get('size_mb', 0):.2f} | {int(m.get('epochs_trained', 0))} "
             f"| {m.get('train_minutes', 0):.1f} | {100 * m[settings.registry.metric]:.2f}% "
             f"| {100 * m['test_accuracy']:.2f}% | {run.data.tags.get('machine', '?')} "
