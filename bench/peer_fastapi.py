@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,8 +35,24 @@ from train.preprocess import (
     softmax,
     to_model_input,
 )
+from train.settings_io import env_overrides, read_yaml_mapping, set_nested
 
-MAX_PIXELS = 40_000_000
+
+def serving_max_pixels(environ: Mapping[str, str] = os.environ) -> int:
+    """The service's pixel limit (``limits.max_pixels`` in ``serving.yaml`` and its env override).
+
+    Read from the YAML, not through ``service.py``: the peer must not import BentoML.
+    """
+    folder = (
+        environ.get("FASHION_SERVE_CONFIG_DIR") or Path(__file__).resolve().parents[1] / "configs"
+    )
+    tree = read_yaml_mapping(Path(folder) / "serving.yaml")
+    for keys, value, origin in env_overrides("FASHION_SERVE_SERVING__", environ):
+        set_nested(tree, keys, value, origin)
+    return int(tree["limits"]["max_pixels"])
+
+
+MAX_PIXELS = serving_max_pixels()
 
 
 def load() -> tuple[torch.nn.Module, list[str], PreprocessSpec]:
