@@ -38,6 +38,7 @@ from starlette.testclient import TestClient
 import service
 from tests import serving_helpers
 from tests.serving_helpers import bentoml_serve
+from train.monitoring import LoggingSettings
 from train.preprocess import prepare_image, softmax, to_model_input
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -947,7 +948,7 @@ def test_prediction_data_and_drift_gauge(svc: Any, log_files: Path) -> None:
 
 def _file_logging(
     folder: Path, flush_interval_s: float, rotation: str = "100 MB"
-) -> service.LoggingSettings:
+) -> LoggingSettings:
     """The service's logging settings with the request log (only) in ``folder``."""
     logging_settings = service.SETTINGS.logging
     return logging_settings.model_copy(
