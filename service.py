@@ -489,7 +489,8 @@ class LineBatcher:
 
     def __init__(self) -> None:
         self._buffers: dict[str, list[str]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # appends vs taking a batch (held for microseconds)
+        self._writing = threading.Lock()  # one batch written at a time, in order
         self._wake = threading.Event()
         self._interval = 0.0
         self._thread: threading.Thread | None = None
@@ -501,9 +502,10 @@ class LineBatcher:
 
         def keep(message: loguru.Message) -> None:
             record = message.record
-            line = record["message"] if "prediction_data" in record["extra"] else None
+            data = "prediction_data" in record["extra"]
+            line = record["message"] if data else _cached_json_line(record)
             with lock:
-                lines.append(line if line is not None else _cached_json_line(record))
+                lines.append(line)
 
         return keep
 
@@ -522,14 +524,15 @@ class LineBatcher:
             self.flush()
 
     def flush(self) -> None:
-        """Write every collected line now."""
-        with self._lock:
-            batches = [(target, lines[:]) for target, lines in self._buffers.items() if lines]
-            for lines in self._buffers.values():
-                lines.clear()
-        for target, lines in batches:
-            lines.append("")  # the batch ends with a newline
-            logger.bind(**{_BATCH_KEY: target}).opt(raw=True).info("\n".join(lines))
+        """Write every collected line now (the writer thread, ``atexit`` and tests may race)."""
+        with self._writing:
+            with self._lock:
+                batches = [(target, lines[:]) for target, lines in self._buffers.items() if lines]
+                for lines in self._buffers.values():
+                    lines.clear()
+            for target, lines in batches:
+                lines.append("")  # the batch ends with a newline
+                logger.bind(**{_BATCH_KEY: target}).opt(raw=True).info("\n".join(lines))
 
     def reset(self) -> None:
         """Write what is left and forget the targets (before the sinks are reconfigured)."""
