@@ -88,6 +88,7 @@ from train.settings_io import (
 
 if TYPE_CHECKING:
     import loguru
+    import onnxruntime as ort
     import prometheus_client
     from python_multipart.multipart import MultipartCallbacks
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -155,6 +156,12 @@ class ServingSettings(_Strict):
     threads: int = Field(ge=1)
     onnx_intra_op_threads: int = Field(ge=1)
     onnx_inter_op_threads: int = Field(ge=1)
+    onnx_memory_pattern: bool = Field(
+        False,
+        description="ONNX Runtime's per-input-shape memory plan cache (enable_mem_pattern). "
+        "Adaptive batching sends up to max_batch_size distinct shapes, so it grows for as long "
+        "as new batch sizes turn up; off costs no measurable speed (docs/soak.md).",
+    )
     backend: Literal["onnx", "torch"] = Field(
         "onnx", description="onnx (the product) or torch (eager, for benchmarks; needs torch)."
     )
@@ -803,8 +810,8 @@ def select_files(
 Logits = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 
 
-def onnx_logits(onnx_path: Path, settings: ServingSettings) -> Logits:
-    """An ONNX Runtime session on the CPU, as a function from pixels to logits."""
+def onnx_session_options(settings: ServingSettings) -> ort.SessionOptions:
+    """ONNX Runtime's session options from the serving settings."""
     # Imported here, in the worker: `bentoml serve`'s arbiter imports this module too, only to
     # read the service definition, and every 0.1 s of import there is cold start.
     import onnxruntime as ort
@@ -812,8 +819,18 @@ def onnx_logits(onnx_path: Path, settings: ServingSettings) -> Logits:
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.onnx_intra_op_threads
     options.inter_op_num_threads = settings.onnx_inter_op_threads
+    options.enable_mem_pattern = settings.onnx_memory_pattern
+    return options
+
+
+def onnx_logits(onnx_path: Path, settings: ServingSettings) -> Logits:
+    """An ONNX Runtime session on the CPU, as a function from pixels to logits."""
+    import onnxruntime as ort
+
     session = ort.InferenceSession(
-        str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+        str(onnx_path),
+        sess_options=onnx_session_options(settings),
+        providers=["CPUExecutionProvider"],
     )
 
     def run(pixels: NDArray[np.float32]) -> NDArray[np.float32]:

@@ -118,6 +118,8 @@ def restore_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    # Lines still held for the service's files go there now, not to this stderr sink at exit.
+    service.LINES.reset()
     logger.remove()
     logger.add(sys.stderr)
 
@@ -738,6 +740,20 @@ def test_settings_file_and_env_overrides(tmp_path: Path) -> None:
     for path, environ, message in problems:
         with pytest.raises(service.ServingConfigError, match=message):
             service.load_serving_settings(path, environ=environ)
+
+
+def test_onnx_memory_pattern_is_off_unless_configured() -> None:
+    """Per-shape memory plans grow with every new batch size; the default turns them off."""
+    config = ROOT / "configs" / "serving.yaml"
+    default = service.load_serving_settings(config, environ={})
+    assert service.onnx_session_options(default).enable_mem_pattern is False
+    assert (
+        default.onnx_intra_op_threads == service.onnx_session_options(default).intra_op_num_threads
+    )
+    turned_on = service.load_serving_settings(
+        config, environ={"FASHION_SERVE_SERVING__ONNX_MEMORY_PATTERN": "true"}
+    )
+    assert service.onnx_session_options(turned_on).enable_mem_pattern is True
 
 
 def test_config_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
