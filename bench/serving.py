@@ -1012,6 +1012,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the page and write it to ``--output``; 1 on failure."""
     options = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    machine = machine_info()  # the commit the servers start from, not the one at the end
     try:
         report = run(options)
     except BenchError as exc:
@@ -1020,7 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; server stopped", file=sys.stderr)
         return 130
-    page = render_markdown(report, machine_info())
+    page = render_markdown(report, machine)
     print(page)
     if options.output is not None:
         options.output.parent.mkdir(parents=True, exist_ok=True)

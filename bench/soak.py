@@ -419,6 +419,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SoakOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the soak, print the page and write it to ``--output``; 1 if it failed its goals."""
     options = parse_args(argv)
+    machine = serving.machine_info()  # the commit the server starts from, not the one at the end
     try:
         report = run(options)
     except serving.BenchError as exc:
@@ -427,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; server stopped", file=sys.stderr)
         return 130
-    page = render(report, serving.machine_info())
+    page = render(report, machine)
     print(page)
     if options.output is not None:
         options.output.parent.mkdir(parents=True, exist_ok=True)

@@ -640,6 +640,7 @@ def run(options: Options) -> tuple[dict[str, Any], list[SetupResult]]:
     """Run the whole suite; return the report (JSON-ready) and the setup results."""
     tool = serving.pick_client(options.client)
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    machine = serving.machine_info()  # the commit the servers start from
     load_before = os.getloadavg()
     nproc = len(os.sched_getaffinity(0))
     with contextlib.ExitStack() as stack:
@@ -670,7 +671,7 @@ def run(options: Options) -> tuple[dict[str, Any], list[SetupResult]]:
         )
     report: dict[str, Any] = {
         "date": started,
-        "machine": serving.machine_info(),
+        "machine": machine,
         "load_before": load_before,
         "nice": os.environ.get("BENCH_NICE", ""),
         "model": files.description,

@@ -228,3 +228,24 @@ def test_request_profile_tiny() -> None:
     names = {name for _, _, name in phases}
     assert {"model call", "decode (PIL)", "multipart parsing + body"} <= names
     assert 90 <= sum(int(share) for _, share, _ in phases) <= 110
+
+
+@pytest.mark.slow
+def test_onnx_memory_tiny() -> None:
+    """Both memory-pattern settings run in fresh processes and land in one table."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_SERVE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.onnx_memory", "--tiny", "--batches=50", "--max-batch=16"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(
+        r"^\| (true|false) \| (\d+) \| (\d+) \| ([+-][\d.]+)% \|", result.stdout, re.M
+    )
+    assert [row[0] for row in rows] == ["true", "false"]
+    assert all(int(after) > 0 and int(end) > 0 for _, after, end, _ in rows)
+    assert "50 batches of random size 1-16" in result.stdout
