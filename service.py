@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +50,7 @@ import anyio.to_thread
 import bentoml
 import numpy as np
 from _bentoml_sdk.io_models import IORootModel  # type: ignore[import-untyped]
-from bentoml.exceptions import InvalidArgument
+from bentoml.exceptions import BentoMLException, InvalidArgument
 from bentoml.validators import ContentType
 from loguru import logger
 from numpy.typing import NDArray
@@ -337,6 +337,13 @@ class BatchPredictInput(bentoml.IODescriptor):  # type: ignore[misc]
 _PREDICTIONS_JSON = TypeAdapter(list[Prediction])
 
 
+def prediction_body(predictions: Sequence[Prediction], single: bool) -> bytes:
+    """The JSON response: one object for ``/predict``, an array for ``/batch_predict``."""
+    if single:
+        return predictions[0].__pydantic_serializer__.to_json(predictions[0])
+    return _PREDICTIONS_JSON.dump_json(list(predictions))
+
+
 def _json_response(body: bytes) -> Response:
     # One complete body: BentoML's streaming response sends an extra empty body message, and
     # every message passes five send wrappers.
@@ -350,8 +357,7 @@ class PredictOutput(bentoml.IODescriptor, Prediction):  # type: ignore[misc]
     async def to_http_response(cls, obj: Any, serde: Any) -> Any:
         """Unwrap the batched result (a list of one) into a single JSON object."""
         _record(obj)
-        prediction: Prediction = obj[0]
-        return _json_response(prediction.__pydantic_serializer__.to_json(prediction))
+        return _json_response(prediction_body(obj, single=True))
 
 
 class BatchPredictOutput(IORootModel[list[Prediction]]):  # type: ignore[misc]
@@ -361,7 +367,7 @@ class BatchPredictOutput(IORootModel[list[Prediction]]):  # type: ignore[misc]
     async def to_http_response(cls, obj: Any, serde: Any) -> Any:
         """Serialise the list of predictions as a JSON array."""
         _record(obj)
-        return _json_response(_PREDICTIONS_JSON.dump_json(obj))
+        return _json_response(prediction_body(obj, single=False))
 
 
 # --------------------------------------------------------------------------- metrics and logs
@@ -1095,23 +1101,105 @@ class ApiKeyGuard:
 API_KEY_GUARD = ApiKeyGuard(SETTINGS.auth, os.environ)
 
 
-async def send_error(send: Send, error: BadInputError) -> None:
-    """Answer ``error`` as its status with an :class:`ErrorBody`."""
-    body = ErrorBody(error=str(error), kind=error.kind).model_dump_json().encode()
+ApiCall = Callable[[NDArray[np.float32]], Coroutine[Any, Any, list[Prediction]]]
+
+
+def find_api_call(app: Any, name: str) -> ApiCall | None:
+    """BentoML's own call of API ``name`` for the gate: its adaptive batcher when batchable.
+
+    BentoML's route endpoint for an API is a ``functools.partial`` of its app factory's
+    ``api_endpoint_wrapper``; the factory owns the batchers (``batch_infer``) and the service
+    instance. Going through them directly keeps BentoML's batching and the API method and drops
+    the rest of its per-request path (routing, request object, IO descriptors, response
+    object), measured in docs/performance.md. ``None`` where the app is not laid out that way;
+    the gate then hands the request to the full endpoint.
+    """
+    for route in getattr(app, "routes", ()):
+        endpoint = getattr(route, "endpoint", None)
+        if getattr(route, "name", None) == name and isinstance(endpoint, functools.partial):
+            factory = getattr(endpoint.func, "__self__", None)
+            if name in getattr(factory, "dispatchers", {}):
+                return _batched_call(factory, name)
+            instance = getattr(factory, "_service_instance", None)
+            method = getattr(getattr(instance, name, None), "local", None)
+            return cast(ApiCall, method) if method is not None else None
+    return None
+
+
+def service_error(status: int, message: str) -> BadInputError:
+    """The answer to a failed model call (a BentoML error's status; 500 for anything else).
+
+    503 is BentoML's batcher shedding load (kind ``overloaded``); any other 5xx is a 500
+    ``server_error`` with its details only in the server log; a 4xx keeps ``http_<status>``.
+    """
+    if status == 503:
+        return BadInputError(503, "overloaded", message or "the service is overloaded")
+    if status >= 500:
+        return BadInputError(500, "server_error", "an unexpected error, see the server log")
+    return BadInputError(status, f"http_{status}", message)
+
+
+def _batched_call(factory: Any, name: str) -> ApiCall:
+    async def call(pixels: NDArray[np.float32]) -> list[Prediction]:
+        result: list[Prediction] = await factory.batch_infer(name, (pixels,), {})
+        return result
+
+    return call
+
+
+async def send_json(send: Send, status: int, body: bytes) -> None:
+    """Answer ``status`` with a complete JSON ``body`` (two ASGI messages)."""
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
+async def send_error(send: Send, error: BadInputError) -> None:
+    """Answer ``error`` as its status with an :class:`ErrorBody`."""
+    body = ErrorBody(error=str(error), kind=error.kind).model_dump_json().encode()
+    await send_json(send, error.status, body)
+
+
 class UploadGate:
-    """ASGI middleware owning ``/predict`` and ``/batch_predict`` request parsing and logging."""
+    """ASGI middleware that owns ``/predict`` and ``/batch_predict``: parse, call, log."""
 
     def __init__(self, app: ASGIApp, guard: ApiKeyGuard | None = None) -> None:
         self.app = app
         self.guard = guard or API_KEY_GUARD
+        self._calls: dict[str, ApiCall | None] = {}
+
+    def api_call(self, scope: Scope, endpoint: str) -> ApiCall | None:
+        """The direct call for ``endpoint`` (looked up once; see :func:`find_api_call`)."""
+        if endpoint not in self._calls:
+            self._calls[endpoint] = find_api_call(scope.get("app"), endpoint.lstrip("/"))
+        return self._calls[endpoint]
+
+    async def answer(
+        self, call: ApiCall, exchange: Exchange, single: bool, send: Send
+    ) -> BadInputError | None:
+        """Run the API on the parsed pixels and send its JSON; the error sent, if any."""
+        exchange.handed = time.perf_counter()
+        error = None
+        try:
+            exchange.predictions = await call(exchange.pixels)
+        except BentoMLException as exc:
+            error = service_error(exc.error_code.value, str(exc))
+        except Exception:  # noqa: BLE001 - the edge: answer 500 and log, as BentoML would
+            logger.bind(logger="fashion_serve", request_id=exchange.request_id).exception(
+                "{} failed", exchange.endpoint
+            )
+            error = service_error(500, "")
+        if error is None:
+            await send_json(send, 200, prediction_body(exchange.predictions, single))
+        else:
+            await send_error(send, error)
+        return error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Parse and validate the upload, then hand the pixels to BentoML's endpoint."""
+        """Parse and validate the upload, run the API on it (BentoML's batcher), log it.
+
+        Without a direct call (see :func:`find_api_call`) the pixels go to BentoML's endpoint.
+        """
         route = _ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
         if route is None or scope["method"] != "POST":
             if scope["type"] == "http":
@@ -1157,19 +1245,11 @@ class UploadGate:
             exchange = Exchange(request_id, endpoint, pixels, sizes)
         except BadInputError as exc:
             error = exc
-            body_json = ErrorBody(error=str(exc), kind=exc.kind).model_dump_json().encode()
-            await send_with_id(
-                {
-                    "type": "http.response.start",
-                    "status": exc.status,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body_json)).encode()),
-                    ],
-                }
-            )
-            await send_with_id({"type": "http.response.body", "body": body_json})
-        if exchange is not None:
+            await send_error(send_with_id, exc)
+        call = self.api_call(scope, endpoint) if exchange is not None else None
+        if exchange is not None and call is not None:
+            error = await self.answer(call, exchange, single, send_with_id)
+        elif exchange is not None:
             token = _EXCHANGE.set(exchange)
             exchange.handed = time.perf_counter()
             try:

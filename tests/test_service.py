@@ -8,6 +8,7 @@ store under a temporary folder. The in-process app and the served process both s
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import os
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import bentoml
 import httpx
@@ -29,7 +30,7 @@ import pytest
 import torch
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.models.model import ModelStore
-from bentoml.exceptions import InvalidArgument
+from bentoml.exceptions import InternalServerError, InvalidArgument, NotFound, ServiceUnavailable
 from loguru import logger
 from numpy.typing import NDArray
 from PIL import Image
@@ -439,6 +440,104 @@ def test_request_id_is_echoed(client: Any) -> None:
     assert response.headers["x-request-id"] == "abc-123"
     generated = client.post("/predict", headers={"x-request-id": "no spaces!"}, **one("image", PNG))
     assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["x-request-id"])
+
+
+# --------------------------------------------------------------------------- the gate's direct call
+
+
+def test_gate_calls_the_api_without_bentomls_request_path(
+    inprocess: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate answers through BentoML's batcher; the IO descriptors are not on the path."""
+
+    def not_on_the_path(cls: Any, request: Any, serde: Any) -> Any:
+        raise AssertionError("BentoML's endpoint parsed a request the gate had answered")
+
+    for descriptor in (service.PredictInput, service.BatchPredictInput):
+        monkeypatch.setattr(descriptor, "from_http_request", classmethod(not_on_the_path))
+    response = inprocess.post("/predict", **one("image", PNG))
+    assert response.status_code == 200, response.text
+    batch = inprocess.post("/batch_predict", files=[("images", ("a.png", PNG, "image/png"))] * 2)
+    assert batch.status_code == 200, batch.text
+    assert [p["class_id"] for p in batch.json()] == [response.json()["class_id"]] * 2
+
+
+def test_gate_falls_back_to_bentomls_endpoint(
+    inprocess: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a direct call (another BentoML layout) the full endpoint gives the same answers."""
+    direct = inprocess.post("/predict", **one("image", PNG)).json()
+    direct_batch = inprocess.post("/batch_predict", files=[("images", ("a", JPEG, "image/jpeg"))])
+    monkeypatch.setattr(service.UploadGate, "api_call", lambda self, scope, endpoint: None)
+    fallback = inprocess.post("/predict", **one("image", PNG))
+    assert fallback.status_code == 200, fallback.text
+    assert fallback.json() == direct
+    batch = inprocess.post("/batch_predict", files=[("images", ("a", JPEG, "image/jpeg"))])
+    assert batch.json() == direct_batch.json()
+
+
+def test_find_api_call_in_bentomls_app(bento_home: Path) -> None:
+    app = CLASSIFIER.to_asgi()
+    assert service.find_api_call(app, "predict") is not None
+    assert service.find_api_call(app, "batch_predict") is not None
+    assert service.find_api_call(app, "livez") is None
+    assert service.find_api_call(object(), "predict") is None
+
+
+def test_find_api_call_without_batching_calls_the_method() -> None:
+    """A non-batchable API (batching off) is called directly, as BentoML's endpoint would."""
+
+    class Method:
+        async def local(self, pixels: NDArray[np.float32]) -> list[Any]:
+            return [len(pixels)]
+
+    class Factory:
+        dispatchers: ClassVar[dict[str, Any]] = {}
+        _service_instance = type("Instance", (), {"predict": Method()})()
+
+        async def api_endpoint_wrapper(self, name: str, request: Any) -> None:
+            raise AssertionError("not called")
+
+    route = type("Route", (), {})()
+    route.name, route.endpoint = (
+        "predict",
+        functools.partial(Factory().api_endpoint_wrapper, "predict"),
+    )
+    app = type("App", (), {"routes": [route]})()
+    call = service.find_api_call(app, "predict")
+    assert call is not None
+    answered: list[Any] = list(asyncio.run(call(np.zeros((3, 1, 2, 2), np.float32))))
+    assert answered == [3]
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "kind", "hidden"),
+    [
+        (ServiceUnavailable("process is overloaded"), 503, "overloaded", None),
+        (RuntimeError("secret /internal/path"), 500, "server_error", "secret"),
+        (InternalServerError("secret state"), 500, "server_error", "secret"),
+        (NotFound("no such thing"), 404, "http_404", None),
+    ],
+)
+def test_gate_answers_model_call_failures_as_json(
+    inprocess: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    raised: Exception,
+    status: int,
+    kind: str,
+    hidden: str | None,
+) -> None:
+    async def failing(pixels: NDArray[np.float32]) -> list[service.Prediction]:
+        raise raised
+
+    monkeypatch.setattr(service.UploadGate, "api_call", lambda self, scope, endpoint: failing)
+    response = inprocess.post("/predict", **one("image", PNG))
+    assert response.status_code == status
+    assert response.json()["kind"] == kind
+    if hidden is not None:
+        assert hidden not in response.text
+    monkeypatch.undo()
+    assert inprocess.post("/predict", **one("image", PNG)).status_code == 200
 
 
 # --------------------------------------------------------------------------- served process only
