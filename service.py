@@ -522,6 +522,15 @@ class LineBatcher:
 
         return keep
 
+    def add(self, target: str, line: str) -> bool:
+        """Keep an already formatted ``line`` for ``target``; False if it is not batched here."""
+        with self._lock:
+            lines = self._buffers.get(target)
+            if lines is None:
+                return False
+            lines.append(line)
+        return True
+
     def start(self, interval: float) -> None:
         """Write every ``interval`` seconds from now on (one thread per process)."""
         self._interval = interval
@@ -667,8 +676,10 @@ def record_predictions(exchange: Exchange, runtime: ModelRuntime) -> float | Non
                 )
             ),
         )
-        # One message per request for all of its images.
-        logger.bind(prediction_data=True).info("{}", lines)
+        # One message per request for all of its images; straight to the batched file when
+        # there is one (the lines are final JSON: loguru's record building would be pure cost).
+        if not LINES.add("predictions", lines):
+            logger.bind(prediction_data=True).info("{}", lines)
     drift = runtime.drift
     if drift is not None:
         drift.add_many(

@@ -1125,6 +1125,55 @@ def test_batched_log_lines_reach_the_file_from_the_writer_thread(
     assert "batched-2" in path.read_text()
 
 
+@pytest.mark.parametrize("flush_interval_s", [0.0, 600.0])
+def test_prediction_data_lines_by_line_and_batched(
+    svc: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flush_interval_s: float
+) -> None:
+    """Batched prediction data skips loguru (LineBatcher.add); line by line goes through it."""
+    logging_settings = service.SETTINGS.logging
+    settings = logging_settings.model_copy(
+        update={
+            "stream": "none",
+            "file": logging_settings.file.model_copy(update={"enabled": False}),
+            "predictions": logging_settings.predictions.model_copy(
+                update={
+                    "path": str(tmp_path / "predictions.{worker}.jsonl"),
+                    "flush_interval_s": flush_interval_s,
+                }
+            ),
+        }
+    )
+    service.configure_logging(settings, worker="worker-5")
+    runtime: service.ModelRuntime = svc.runtime
+    pixels = runtime.blank(2)
+    exchange = service.Exchange("pd-1", "/batch_predict", pixels, [(28, 28)] * 2)
+    exchange.predictions = runtime.predict(pixels)
+    exchange.handed = exchange.predictions[0]._batch_started
+    bound: list[dict[str, Any]] = []
+
+    class Spy:
+        def bind(self, **extra: Any) -> Any:
+            bound.append(extra)
+            return logger.bind(**extra)
+
+    drift, runtime.drift = runtime.drift, None
+    monkeypatch.setattr(service, "logger", Spy())
+    try:
+        service.record_predictions(exchange, runtime)
+    finally:
+        runtime.drift = drift
+        monkeypatch.undo()
+    assert bound == ([] if flush_interval_s > 0 else [{"prediction_data": True}])
+    assert service.LINES.add("log", "{}") is False  # the request log file is off here
+    path = settings.predictions.for_worker("worker-5")
+    held = not path.exists() or "pd-1" not in path.read_text()
+    assert held is (flush_interval_s > 0)
+    service.flush_logs()
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["request_id"] for e in entries] == ["pd-1", "pd-1"]
+    assert [e["class_id"] for e in entries] == [p.class_id for p in exchange.predictions]
+
+
 def test_serving_does_not_import_torch_or_mlflow(bento_home: Path) -> None:
     code = (
         "import sys, service; "
