@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import contextvars
 import functools
+import gc
 import hmac
 import json
 import logging
@@ -185,6 +186,11 @@ class ServingSettings(_Strict):
     logging: LoggingSettings
     access_log: bool
     auth: AuthSettings = AuthSettings()
+    gc_freeze_after_load: bool = Field(
+        True,
+        description="gc.freeze() once the model is loaded: the garbage collector's full passes "
+        "stop rescanning the objects that live as long as the worker (p99 under load).",
+    )
     malloc_arena_max: int | None = Field(
         None,
         ge=1,
@@ -1347,6 +1353,11 @@ class Classifier:
         logger.bind(logger="fashion_serve", model=str(stored.tag)).info(
             "serving {} ({} classes)", stored.tag, len(self.runtime.class_names)
         )
+        if SETTINGS.gc_freeze_after_load:
+            # Everything alive now (BentoML, ONNX Runtime, pydantic models, the model) lives
+            # for the whole process; frozen, the full collections stop rescanning it.
+            gc.collect()
+            gc.freeze()
 
     @bentoml.api(  # type: ignore[untyped-decorator]
         **batching(SETTINGS.predict),

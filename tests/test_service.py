@@ -673,6 +673,23 @@ def test_service_methods_directly(svc: Any, tiny_model: torch.nn.Module) -> None
     assert svc.runtime.class_names == CLASSES
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_worker_freezes_the_heap_after_loading_the_model(
+    bento_home: Path, monkeypatch: pytest.MonkeyPatch, freeze: bool
+) -> None:
+    import gc
+
+    monkeypatch.setattr(
+        service, "SETTINGS", service.SETTINGS.model_copy(update={"gc_freeze_after_load": freeze})
+    )
+    gc.unfreeze()
+    try:
+        CLASSIFIER()
+        assert (gc.get_freeze_count() > 0) is freeze
+    finally:
+        gc.unfreeze()
+
+
 def test_small_batches_run_inline_large_ones_in_a_thread(
     svc: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
