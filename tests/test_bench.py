@@ -201,21 +201,12 @@ def test_suite_smoke_tiny(tmp_path: Path) -> None:
     assert "## Goals" in (out / "benchmarks.md").read_text()
 
 
-@pytest.mark.slow
-def test_request_profile_tiny() -> None:
-    """The in-process profiler drives the real app and splits a request's CPU into phases."""
+def run_bench_module(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench.<args>`` in the project, without our settings or metrics env; must pass."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_SERVE_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.profile_request",
-            "--tiny",
-            "--requests=40",
-            "--warmup=5",
-            "--profile",
-        ],
+        [sys.executable, "-m", *args],
         cwd=Path(__file__).resolve().parent.parent,
         env=env,
         capture_output=True,
@@ -223,6 +214,15 @@ def test_request_profile_tiny() -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+@pytest.mark.slow
+def test_request_profile_tiny() -> None:
+    """The in-process profiler drives the real app and splits a request's CPU into phases."""
+    result = run_bench_module(
+        "bench.profile_request", "--tiny", "--requests=40", "--warmup=5", "--profile"
+    )
     assert "ms CPU and" in result.stdout
     phases = re.findall(r"^\s+(\d+) µs\s+(\d+)%\s+(.+)$", result.stdout, re.MULTILINE)
     names = {name for _, _, name in phases}
@@ -233,16 +233,7 @@ def test_request_profile_tiny() -> None:
 @pytest.mark.slow
 def test_onnx_memory_tiny() -> None:
     """Both memory-pattern settings run in fresh processes and land in one table."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_SERVE_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.onnx_memory", "--tiny", "--batches=50", "--max-batch=16"],
-        cwd=Path(__file__).resolve().parent.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_bench_module("bench.onnx_memory", "--tiny", "--batches=50", "--max-batch=16")
     rows = re.findall(
         r"^\| (true|false) \| (\d+) \| (\d+) \| ([+-][\d.]+)% \|", result.stdout, re.M
     )
