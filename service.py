@@ -514,15 +514,19 @@ class LineBatcher:
         self._interval = 0.0
         self._thread: threading.Thread | None = None
 
+    def open(self, target: str) -> None:
+        """Collect lines for the file sink bound to ``target`` (see :meth:`add`)."""
+        with self._lock:
+            self._buffers.setdefault(target, [])
+
     def sink(self, target: str) -> Callable[[loguru.Message], None]:
-        """A loguru sink that keeps lines for the file sink bound to ``target``."""
-        lines = self._buffers.setdefault(target, [])
+        """A loguru sink that keeps log records, as JSON lines, for ``target``'s file sink."""
+        self.open(target)
+        lines = self._buffers[target]
         lock = self._lock
 
         def keep(message: loguru.Message) -> None:
-            record = message.record
-            data = "prediction_data" in record["extra"]
-            line = record["message"] if data else _cached_json_line(record)
+            line = _cached_json_line(message.record)
             with lock:
                 lines.append(line)
 
@@ -624,7 +628,10 @@ def configure_logging(settings: LoggingSettings, worker: str | None = None) -> N
         batched = spec.flush_interval_s > 0
         if batched:
             intervals.append(spec.flush_interval_s)
-            logger.add(LINES.sink(target), level=level, filter=keep, format="{message}")
+            if keep is _is_log:
+                logger.add(LINES.sink(target), level=level, filter=keep, format="{message}")
+            else:  # prediction data is final JSON: record_predictions hands it to LINES.add
+                LINES.open(target)
         logger.add(
             path,
             level=0 if batched else level,
@@ -1195,7 +1202,6 @@ class UploadGate:
         self, call: ApiCall, exchange: Exchange, single: bool, send: Send
     ) -> BadInputError | None:
         """Run the API on the parsed pixels and send its JSON; the error sent, if any."""
-        exchange.handed = time.perf_counter()
         error = None
         try:
             exchange.predictions = await call(exchange.pixels)
@@ -1264,11 +1270,12 @@ class UploadGate:
             error = exc
             await send_error(send_with_id, exc)
         call = self.api_call(scope, endpoint) if exchange is not None else None
+        if exchange is not None:
+            exchange.handed = time.perf_counter()
         if exchange is not None and call is not None:
             error = await self.answer(call, exchange, single, send_with_id)
         elif exchange is not None:
             token = _EXCHANGE.set(exchange)
-            exchange.handed = time.perf_counter()
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
