@@ -110,7 +110,9 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) ->
         image.draft("RGB" if image.mode not in ("L", "1") else "L", (draft_size, draft_size))
     try:
         image.load()
-        return ImageOps.exif_transpose(image)
+        # In place: without it Pillow returns a copy of every image that needs no rotation.
+        ImageOps.exif_transpose(image, in_place=True)
+        return image
     except Exception as exc:
         raise ImageDecodeError("corrupt", f"the image data is truncated or corrupt: {exc}") from exc
 
