@@ -577,6 +577,57 @@ LINES = LineBatcher()
 atexit.register(LINES.flush)
 
 
+class RequestLog:
+    """The gate's per-request JSON line, formatted once and handed to the service's own sinks.
+
+    Through loguru the line cost a bound logger, a record (frame lookup, level, time) and every
+    handler's filter: ``python -m bench.profile_request --costs`` timed it as the largest
+    per-request item after the model and the PNG decode. When the stream and the file sink are
+    ones this module configured (the file batched, or off) the line skips loguru, with the same
+    fields in the same order as :func:`_json_line`; otherwise (a line-by-line file) it is an
+    ordinary loguru record. Sinks added elsewhere with ``logger.add`` do not see direct lines.
+    """
+
+    LOGGER = "fashion_serve.request"
+
+    def __init__(self) -> None:
+        self.direct = False
+        self.enabled = True
+        self._write: Callable[[str], object] | None = None
+        self._file = False
+
+    def configure(self, stream: Any | None, settings: LoggingSettings, file_batched: bool) -> None:
+        """Go direct when every sink the line reaches is a stream or a batched file."""
+        self.enabled = logger.level("INFO").no >= logger.level(settings.level).no
+        self.direct = not settings.file.enabled or file_batched
+        self._write = stream.write if stream is not None else None
+        self._file = settings.file.enabled
+
+    def write(self, message: str, fields: dict[str, Any]) -> None:
+        """Log one request: ``message`` and ``fields`` as loguru would show them."""
+        if not self.direct:
+            logger.bind(logger=self.LOGGER, **fields).info("{}", message)
+            return
+        if not self.enabled:
+            return
+        entry = {
+            # Local time with its offset, as loguru's record time.
+            "time": datetime.now().astimezone().isoformat(),
+            "level": "INFO",
+            "logger": self.LOGGER,
+            "message": message,
+        }
+        entry.update(fields)
+        line = json.dumps(entry, default=str)
+        if self._write is not None:
+            self._write(line + "\n")
+        if self._file:
+            LINES.add("log", line)
+
+
+REQUEST_LOG = RequestLog()
+
+
 def flush_logs() -> None:
     """Write every log and prediction-data line still held in memory (tests, shutdown)."""
     LINES.flush()
@@ -644,6 +695,7 @@ def configure_logging(settings: LoggingSettings, worker: str | None = None) -> N
         )
     if intervals:
         LINES.start(min(intervals))
+    REQUEST_LOG.configure(stream, settings, settings.file.flush_interval_s > 0)
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(("bentoml", "uvicorn", "circus")):
@@ -1288,18 +1340,20 @@ class UploadGate:
         runtime.metrics.request_seconds.observe(latency)
         predictions = exchange.predictions if exchange else []
         queued = None if exchange is None else record_predictions(exchange, runtime)
-        logger.bind(
-            logger="fashion_serve.request",
-            request_id=request_id,
-            endpoint=endpoint,
-            status=status,
-            latency_ms=round(latency * 1000, 3),
-            queue_ms=None if queued is None else round(queued * 1000, 3),
-            images=0 if exchange is None else len(exchange.pixels),
-            labels=[p.label for p in predictions],
-            confidences=[round(p.confidence, 4) for p in predictions],
-            error_kind=kind,
-        ).info("{} {} {}", endpoint, status, error or "ok")
+        REQUEST_LOG.write(
+            f"{endpoint} {status} {error or 'ok'}",
+            {
+                "request_id": request_id,
+                "endpoint": endpoint,
+                "status": status,
+                "latency_ms": round(latency * 1000, 3),
+                "queue_ms": None if queued is None else round(queued * 1000, 3),
+                "images": 0 if exchange is None else len(exchange.pixels),
+                "labels": [p.label for p in predictions],
+                "confidences": [round(p.confidence, 4) for p in predictions],
+                "error_kind": kind,
+            },
+        )
 
 
 # --------------------------------------------------------------------------- service

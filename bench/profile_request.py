@@ -9,7 +9,11 @@ lifespan, and calls it directly with prebuilt Fashion-MNIST PNG uploads, one req
   is steadier than wall-clock latency on a shared machine;
 - with ``--profile``, a ``cProfile`` of the same loop, grouped into phases (multipart parsing,
   decoding, preprocessing, inference, response building, logging, metrics, BentoML's own
-  machinery), the figures ``docs/performance.md`` quotes.
+  machinery), the figures ``docs/performance.md`` quotes;
+- with ``--costs``, each per-request operation timed on its own, in the worker's configuration
+  (Prometheus in multiprocess mode, the service's log sinks), and what they add up to per
+  ``/predict`` at a given mean batch size (``--batch``): the profiler inflates pure-Python code
+  such as ``prometheus_client``, so these are the figures to weigh a change by.
 
 The model comes from ``BENTOML_HOME`` (tag from ``configs/serving.yaml``), or ``--tiny`` imports
 a random ``simple_cnn`` into a temporary store.
@@ -26,7 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +205,119 @@ def model_cpu_ms(service: Any, calls: int = 300) -> float:
     return 1000 * (time.process_time() - started) / calls
 
 
+@dataclass(frozen=True)
+class Cost:
+    """One operation of the request path, timed alone."""
+
+    name: str
+    micros: float  # CPU µs per call
+    per_request: float  # calls per /predict request
+
+
+def _cpu_micros(operation: Callable[[], object], calls: int) -> float:
+    """Best of three: CPU µs per call (the machine's noise only ever adds time)."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.process_time()
+        for _ in range(calls):
+            operation()
+        best = min(best, (time.process_time() - started) / calls)
+    return 1e6 * best
+
+
+def operation_costs(service: Any, image: bytes, batch: float, calls: int = 3000) -> list[Cost]:
+    """Per-call CPU cost of the request path's pieces, and how often a ``/predict`` pays each.
+
+    Args:
+        service: The imported ``service`` module, its logging configured as in a worker.
+        image: One encoded upload (a Fashion-MNIST PNG).
+        batch: Mean images per model call under the load in question (``/metrics``'
+            ``fashion_serve_batch_size``; about 16 at concurrency 64 with two workers).
+        calls: Calls per timing.
+    """
+    import prometheus_client as prom
+
+    from train.preprocess import decode_image, prepare_image
+
+    registry = prom.CollectorRegistry()  # fresh names; values still go to the mmap files
+    histogram = prom.Histogram("cost_seconds", "h", registry=registry)
+    labelled = prom.Histogram("cost_labelled_seconds", "h", ["endpoint"], registry=registry)
+    counter = prom.Counter("cost", "c", ["endpoint", "status"], registry=registry)
+    gauge = prom.Gauge(
+        "cost_gauge", "g", ["endpoint"], registry=registry, multiprocess_mode="livesum"
+    )
+
+    def in_progress() -> None:
+        with gauge.labels(endpoint="/predict").track_inprogress():
+            pass
+
+    fields = {
+        "request_id": "0" * 32,
+        "endpoint": "/predict",
+        "status": 200,
+        "latency_ms": 1.234,
+        "queue_ms": 0.5,
+        "images": 1,
+        "labels": ["Sneaker"],
+        "confidences": [0.9876],
+        "error_kind": None,
+    }
+
+    def request_log() -> None:  # what the gate writes after each response
+        service.REQUEST_LOG.write("/predict 200 ok", dict(fields))
+
+    stored = __import__("bentoml").models.get(service.SETTINGS.model_tag)
+    runtime = service.ModelRuntime.from_bento_model(stored, service.SETTINGS)
+    one, many = runtime.blank(1), runtime.blank(max(1, round(batch)))
+    spec = runtime.spec
+    limits = runtime.limits
+    return [
+        Cost(
+            "model call, 1 image", _cpu_micros(lambda: runtime.logits(one), calls // 10), 1 / batch
+        ),
+        Cost(
+            f"model, per image in a batch of {len(many)}",
+            _cpu_micros(lambda: runtime.logits(many), calls // 10) / len(many),
+            1 - 1 / batch,
+        ),
+        Cost(
+            "decode + prepare one PNG",
+            _cpu_micros(
+                lambda: prepare_image(
+                    decode_image(image, limits.max_pixels, limits.draft_size), spec
+                ),
+                calls,
+            ),
+            1,
+        ),
+        # Ours per request: decode, preprocess, queue, latency, confidence; per batch: inference
+        # time and batch size. BentoML's per request: duration (labelled); per batch: batch size.
+        Cost(
+            "Prometheus histogram observe",
+            _cpu_micros(lambda: histogram.observe(0.003), calls),
+            5 + 3 / batch,
+        ),
+        Cost(
+            "Prometheus labelled histogram observe",
+            _cpu_micros(lambda: labelled.labels(endpoint="/predict").observe(0.003), calls),
+            1,
+        ),
+        # Ours: requests by status; predictions by class once per class per batch (≤ 1 each).
+        # BentoML's: request total, and its last-request timestamp gauge (a labelled set).
+        Cost(
+            "Prometheus labelled counter inc",
+            _cpu_micros(lambda: counter.labels(endpoint="/predict", status="200").inc(), calls),
+            3 + min(1.0, 10 / batch),
+        ),
+        Cost("Prometheus in-progress gauge (BentoML)", _cpu_micros(in_progress, calls), 1),
+        Cost(
+            "request log line (the gate's, to the configured sinks)",
+            _cpu_micros(request_log, calls),
+            1,
+        ),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: measure (and optionally profile) sequential ``/predict`` calls."""
     parser = argparse.ArgumentParser(prog="python -m bench.profile_request", description=__doc__)
@@ -209,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also print a cProfile by phase")
     parser.add_argument("--top", type=int, default=0, help="also print the top N functions")
     parser.add_argument("--tiny", action="store_true", help="random simple_cnn in a temp store")
+    parser.add_argument("--costs", action="store_true", help="also time each operation alone")
+    parser.add_argument("--batch", type=float, default=16.0, help="mean batch size for --costs")
     args = parser.parse_args(argv)
 
     from bench.serving import load_images, make_tiny_model, multipart_body
@@ -265,6 +384,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {real:6.0f} µs  {real / (10 * measured.cpu_ms):3.0f}%  {name}")
         if args.top:
             stats.sort_stats("tottime").print_stats(args.top)
+    if args.costs:
+        stdout, sys.stdout = sys.stdout, log  # the request log's stream sink
+        try:
+            costs = operation_costs(service, images[0], args.batch)
+        finally:
+            sys.stdout = stdout
+        print(
+            f"\nEach operation alone (CPU µs, best of 3), per /predict at mean batch {args.batch:g}:"
+        )
+        for cost in costs:
+            print(
+                f"  {cost.micros:7.1f} µs × {cost.per_request:5.2f} = "
+                f"{cost.micros * cost.per_request:6.1f} µs  {cost.name}"
+            )
+        print(f"  {sum(c.micros * c.per_request for c in costs):6.1f} µs per request in all")
     return 0
 
 

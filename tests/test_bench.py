@@ -221,13 +221,20 @@ def run_bench_module(*args: str) -> subprocess.CompletedProcess[str]:
 def test_request_profile_tiny() -> None:
     """The in-process profiler drives the real app and splits a request's CPU into phases."""
     result = run_bench_module(
-        "bench.profile_request", "--tiny", "--requests=40", "--warmup=5", "--profile"
+        "bench.profile_request", "--tiny", "--requests=40", "--warmup=5", "--profile", "--costs"
     )
     assert "ms CPU and" in result.stdout
     phases = re.findall(r"^\s+(\d+) µs\s+(\d+)%\s+(.+)$", result.stdout, re.MULTILINE)
     names = {name for _, _, name in phases}
     assert {"model call", "decode (PIL)", "multipart parsing + body"} <= names
     assert 90 <= sum(int(share) for _, share, _ in phases) <= 110
+    # --costs: each operation alone, and a total that is the sum of its rows.
+    costs = re.findall(r"^\s+([\d.]+) µs × +([\d.]+) = +([\d.]+) µs  (.+)$", result.stdout, re.M)
+    assert {"decode + prepare one PNG", "Prometheus histogram observe"} <= {c[3] for c in costs}
+    assert all(float(each) > 0 for each, _, _, _ in costs)
+    total = re.search(r"^\s+([\d.]+) µs per request in all$", result.stdout, re.M)
+    assert total is not None
+    assert float(total.group(1)) == pytest.approx(sum(float(c[2]) for c in costs), abs=0.5)
 
 
 @pytest.mark.slow

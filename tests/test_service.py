@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -1140,6 +1141,62 @@ def test_batched_log_lines_reach_the_file_from_the_writer_thread(
     logger.bind(logger="fashion_serve.request", request_id="batched-2", status=200).info("x")
     service.configure_logging(_file_logging(tmp_path, flush_interval_s=0.0), worker="worker-4")
     assert "batched-2" in path.read_text()
+
+
+REQUEST_FIELDS: dict[str, Any] = {
+    "request_id": "rl-1",
+    "endpoint": "/predict",
+    "status": 200,
+    "latency_ms": 1.5,
+    "queue_ms": None,
+    "images": 1,
+    "labels": ["Bag"],
+    "confidences": [0.9],
+    "error_kind": None,
+}
+
+
+def test_request_log_line_is_the_same_direct_and_through_loguru(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batched file sends the gate's line past loguru; a line-by-line file through it; same line."""
+    lines: dict[float, tuple[str, str]] = {}
+    for interval in (600.0, 0.0):
+        settings = _file_logging(tmp_path / str(interval), flush_interval_s=interval)
+        service.configure_logging(settings, worker="worker-9")
+        assert service.REQUEST_LOG.direct is (interval > 0)
+        service.REQUEST_LOG.write("/predict 200 ok", dict(REQUEST_FIELDS))
+        service.flush_logs()
+        streamed = capsys.readouterr().out.strip()
+        lines[interval] = (streamed, settings.file.for_worker("worker-9").read_text().strip())
+    (direct, direct_file), (through, through_file) = lines[600.0], lines[0.0]
+    assert direct == direct_file and through == through_file
+    as_logged = [json.loads(line) for line in (direct, through)]
+    times = [datetime.fromisoformat(entry.pop("time")) for entry in as_logged]
+    assert all(t.tzinfo is not None for t in times) and abs(times[0] - times[1]) < timedelta(1)
+    assert list(as_logged[0]) == list(as_logged[1])  # same keys, same order
+    assert as_logged[0] == as_logged[1]
+    assert as_logged[0]["logger"] == "fashion_serve.request" and as_logged[0]["level"] == "INFO"
+
+
+def test_request_log_direct_obeys_level_and_stream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Above INFO nothing is written; with stream none only the file gets the line."""
+    quiet = _file_logging(tmp_path / "quiet", 600.0).model_copy(update={"level": "WARNING"})
+    service.configure_logging(quiet, worker="worker-9")
+    service.REQUEST_LOG.write("/predict 200 ok", dict(REQUEST_FIELDS))
+    service.flush_logs()
+    assert capsys.readouterr().out == ""
+    quiet_file = quiet.file.for_worker("worker-9")  # loguru creates it when the sink is added
+    assert not quiet_file.exists() or quiet_file.read_text() == ""
+    silent = _file_logging(tmp_path / "silent", 600.0).model_copy(update={"stream": "none"})
+    service.configure_logging(silent, worker="worker-9")
+    service.REQUEST_LOG.write("/predict 200 ok", dict(REQUEST_FIELDS))
+    service.flush_logs()
+    assert capsys.readouterr().out == ""
+    written = silent.file.for_worker("worker-9").read_text().splitlines()
+    assert [json.loads(line)["request_id"] for line in written] == ["rl-1"]
 
 
 @pytest.mark.parametrize("flush_interval_s", [0.0, 600.0])
