@@ -20,6 +20,10 @@ DEMO_RUN ?= make run PORT=$(DEMO_PORT)
 DEMO_TEST ?= make test
 SCREENSHOT_IMAGE ?= $(DEMO_DIR)/ankle-boot.png
 SOAK_ARGS ?=
+# make recipe-search: recipes trained at once (each with 1 torch thread), and extra arguments
+# (e.g. RECIPE_ARGS="--only w32_flip_15,deep24_pad2_erase_13").
+RECIPE_PARALLEL ?= 2
+RECIPE_ARGS ?=
 # e.g. BENCH_NICE="nice -n -5" (as root) to keep the benchmark ahead of background jobs.
 BENCH_NICE ?=
 APT_PACKAGES := dataset-fashion-mnist wrk
@@ -38,7 +42,7 @@ COMPOSE_PROJECT ?= fashion-serve
 COMPOSE_FILES := -f docker-compose.yaml $(if $(filter postgres,$(MLFLOW_DB)),-f docker-compose.postgres.yaml,)
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
-.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench bench-serve openapi soak screenshots demo alerts alert-rules clean help
+.PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench bench-serve recipe-search openapi soak screenshots demo alerts alert-rules clean help
 .PHONY: container-deps container-base container container-smoke mlflow-image postgres-image compose-up compose-down
 
 help:  ## list targets
@@ -84,6 +88,10 @@ bench: setup  ## every performance comparison → docs/benchmarks.md/.png/.json 
 
 bench-serve: setup  ## benchmark the imported model under load → docs/benchmarks-serving.md (BENCH_ARGS=--tiny)
 	$(PY) -m bench.serving $(BENCH_ARGS)
+
+recipe-search: setup  ## train configs/recipes.yaml (GPU if any; hours on CPU), priced in CPU hours → docs/recipe_search.md
+	$(PY) -m bench.recipe_search --device auto --parallel $(RECIPE_PARALLEL) --cpu-throughput \
+	  --output docs/recipe_search.md $(RECIPE_ARGS)
 
 soak: setup  ## /predict + /batch_predict at concurrency 64 for configs/soak.yaml's duration (SOAK_ARGS=--tiny)
 	$(PY) -m bench.soak $(SOAK_ARGS)

@@ -19,10 +19,12 @@ from train.engine import (
     make_optimizer,
     make_scheduler,
     save_checkpoint,
+    set_seed,
+    train_one_epoch,
 )
 from train.models import build_model
 from train.preprocess import PreprocessSpec
-from train.transforms import PRESETS
+from train.transforms import PRESETS, AugmentationPreset
 
 
 def _toy_data(n_per_class: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,3 +195,46 @@ def test_onecycle_works_for_very_short_runs(total_steps: int) -> None:
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] <= cfg.lr
+
+
+def test_an_explicit_cpu_device_gives_the_same_results_as_none() -> None:
+    """``device="cpu"`` goes through the copy path; it must change nothing on the CPU."""
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (24, 1, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 2, (24,), generator=g)
+    preset = AugmentationPreset(crop_padding=2, hflip=True, erase_probability=0.5)
+    cfg = _cfg(epochs=1, batch_size=5, scheduler="onecycle")
+    initial = _model().state_dict()
+    runs = []
+    for device in (None, "cpu"):
+        model = _model()
+        model.load_state_dict(initial)
+        generator = set_seed(7)
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=5)
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+        trained = train_one_epoch(
+            model,
+            optimizer,
+            scheduler,
+            criterion,
+            images,
+            labels,
+            cfg,
+            preset,
+            generator,
+            device=device,
+        )
+        result = evaluate(model, images, labels, batch_size=7, device=device)
+        runs.append((trained, result, model.state_dict()))
+    (loss, accuracy, seen), result, weights = runs[0]
+    (loss_cpu, accuracy_cpu, seen_cpu), result_cpu, weights_cpu = runs[1]
+    assert seen == seen_cpu == 24
+    assert (loss, accuracy) == (loss_cpu, accuracy_cpu)
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, weights_cpu[name]), name
+    assert result.accuracy == result_cpu.accuracy
+    assert result.loss == pytest.approx(result_cpu.loss)
+    assert (result.predictions == result_cpu.predictions).all()
+    assert result_cpu.probabilities.shape == (24, 2)
+    assert (result.probabilities == result_cpu.probabilities).all()

@@ -122,8 +122,29 @@ def train_one_epoch(
     preset: AugmentationPreset,
     generator: torch.Generator,
     description: str = "train",
+    device: torch.device | str | None = None,
 ) -> tuple[float, float, int]:
-    """One pass over the training images. Returns (mean loss, accuracy, images seen)."""
+    """One pass over the training images, in a shuffled order drawn from ``generator``.
+
+    Augmentation always runs on the CPU (``generator`` is a CPU generator, so a run is the same
+    wherever it trains); only the augmented batch and its labels travel to ``device``.
+
+    Args:
+        model: The network, in ``device``'s memory (and channels_last if ``cfg`` says so).
+        optimizer: Steps once per batch.
+        scheduler: Steps once per batch.
+        criterion: The loss, ``criterion(logits, labels)``.
+        images: ``uint8 [N, C, H, W]`` training images, on the CPU.
+        labels: ``int64 [N]`` labels, on the CPU.
+        cfg: Batch size, channels_last and the progress bar setting.
+        preset: Augmentation applied to each batch.
+        generator: Seeded CPU generator for the order and the augmentation.
+        description: Label of the progress bar.
+        device: Where the forward and backward passes run; ``None`` = the CPU, with no copies.
+
+    Returns:
+        ``(mean loss, accuracy, images seen)`` over the epoch.
+    """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     steps = (int(labels.shape[0]) + cfg.batch_size - 1) // cfg.batch_size
@@ -132,7 +153,12 @@ def train_one_epoch(
     for batch_images, batch_labels in tqdm(
         batches, total=steps, desc=description, disable=not show, leave=False
     ):
-        inputs = augment_batch(batch_images, preset, generator).float()
+        inputs = augment_batch(batch_images, preset, generator)
+        if device is not None:
+            # uint8 crosses to the device (a quarter of float32's bytes) and becomes float there.
+            inputs = inputs.to(device, non_blocking=True)
+            batch_labels = batch_labels.to(device, non_blocking=True)
+        inputs = inputs.float()
         if cfg.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
@@ -155,20 +181,38 @@ def evaluate(
     labels: torch.Tensor,
     batch_size: int,
     channels_last: bool = False,
+    device: torch.device | str | None = None,
 ) -> EvalResult:
-    """Loss, accuracy and per-image outputs on a fixed set (no augmentation)."""
+    """Loss, accuracy and per-image outputs on a fixed set (no augmentation), in order.
+
+    Args:
+        model: The network, in ``device``'s memory; put in eval mode here.
+        images: ``uint8 [N, C, H, W]`` images, on the CPU.
+        labels: ``int64 [N]`` labels, on the CPU.
+        batch_size: Images per forward pass.
+        channels_last: Feed the inputs in channels_last memory format.
+        device: Where the forward passes run; ``None`` = the CPU, with no copies. Outputs come
+            back to the CPU either way.
+
+    Returns:
+        Mean loss, accuracy, and per-image predictions and probabilities as NumPy arrays.
+    """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss = 0.0
     preds: list[np.ndarray] = []
     probs: list[np.ndarray] = []
     for batch_images, batch_labels in iterate_batches(images, labels, batch_size):
-        inputs = batch_images.float()
+        inputs = batch_images
+        if device is not None:
+            inputs = inputs.to(device, non_blocking=True)
+            batch_labels = batch_labels.to(device, non_blocking=True)
+        inputs = inputs.float()
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         logits = model(inputs)
         total_loss += float(criterion(logits, batch_labels))
-        p = torch.softmax(logits, dim=1)
+        p = torch.softmax(logits, dim=1).cpu()
         probs.append(p.numpy())
         preds.append(p.argmax(1).numpy())
     n = max(int(labels.shape[0]), 1)
