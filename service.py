@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -457,17 +457,37 @@ def service_metrics() -> ServiceMetrics:
     )
 
 
-def _json_line(record: loguru.Record) -> str:
+def format_json_line(
+    when: datetime,
+    level: str,
+    name: str | None,
+    message: str,
+    fields: Iterable[tuple[str, Any]],
+    exception: str | None = None,
+) -> str:
+    """One log line: ``time``, ``level``, ``logger``, ``message``, the fields, any exception."""
     entry: dict[str, Any] = {
-        "time": record["time"].isoformat(),
-        "level": record["level"].name,
-        "logger": record["extra"].get("logger", record["name"]),
-        "message": record["message"],
+        "time": when.isoformat(),
+        "level": level,
+        "logger": name,
+        "message": message,
     }
-    entry.update((k, v) for k, v in record["extra"].items() if k not in ("logger", "json"))
-    if record["exception"] is not None:
-        entry["exception"] = repr(record["exception"].value)
+    entry.update(fields)
+    if exception is not None:
+        entry["exception"] = exception
     return json.dumps(entry, default=str)
+
+
+def _json_line(record: loguru.Record) -> str:
+    extra = record["extra"]
+    return format_json_line(
+        record["time"],
+        record["level"].name,
+        extra.get("logger", record["name"]),
+        record["message"],
+        ((k, v) for k, v in extra.items() if k not in ("logger", "json")),
+        None if record["exception"] is None else repr(record["exception"].value),
+    )
 
 
 def _cached_json_line(record: loguru.Record) -> str:
@@ -583,8 +603,8 @@ class RequestLog:
     Through loguru the line cost a bound logger, a record (frame lookup, level, time) and every
     handler's filter: ``python -m bench.profile_request --costs`` timed it as the largest
     per-request item after the model and the PNG decode. When the stream and the file sink are
-    ones this module configured (the file batched, or off) the line skips loguru, with the same
-    fields in the same order as :func:`_json_line`; otherwise (a line-by-line file) it is an
+    ones this module configured (the file batched, or off) the line skips loguru and is built by
+    :func:`format_json_line`, as loguru records are; otherwise (a line-by-line file) it is an
     ordinary loguru record. Sinks added elsewhere with ``logger.add`` do not see direct lines.
     """
 
@@ -596,10 +616,10 @@ class RequestLog:
         self._write: Callable[[str], object] | None = None
         self._file = False
 
-    def configure(self, stream: Any | None, settings: LoggingSettings, file_batched: bool) -> None:
+    def configure(self, stream: Any | None, settings: LoggingSettings) -> None:
         """Go direct when every sink the line reaches is a stream or a batched file."""
         self.enabled = logger.level("INFO").no >= logger.level(settings.level).no
-        self.direct = not settings.file.enabled or file_batched
+        self.direct = not settings.file.enabled or settings.file.flush_interval_s > 0
         self._write = stream.write if stream is not None else None
         self._file = settings.file.enabled
 
@@ -610,15 +630,9 @@ class RequestLog:
             return
         if not self.enabled:
             return
-        entry = {
-            # Local time with its offset, as loguru's record time.
-            "time": datetime.now().astimezone().isoformat(),
-            "level": "INFO",
-            "logger": self.LOGGER,
-            "message": message,
-        }
-        entry.update(fields)
-        line = json.dumps(entry, default=str)
+        # Local time with its offset, as loguru's record time.
+        now = datetime.now().astimezone()
+        line = format_json_line(now, "INFO", self.LOGGER, message, fields.items())
         if self._write is not None:
             self._write(line + "\n")
         if self._file:
@@ -695,7 +709,7 @@ def configure_logging(settings: LoggingSettings, worker: str | None = None) -> N
         )
     if intervals:
         LINES.start(min(intervals))
-    REQUEST_LOG.configure(stream, settings, settings.file.flush_interval_s > 0)
+    REQUEST_LOG.configure(stream, settings)
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(("bentoml", "uvicorn", "circus")):

@@ -190,12 +190,17 @@ def phase_table(stats: pstats.Stats, requests: int) -> list[tuple[str, float]]:
     return sorted(((k, 1e6 * v / requests) for k, v in totals.items()), key=lambda kv: -kv[1])
 
 
-def model_cpu_ms(service: Any, calls: int = 300) -> float:
-    """CPU milliseconds of one model call on one image, with the service's session settings."""
+def served_runtime(service: Any) -> Any:
+    """The served model's :class:`service.ModelRuntime`, with the service's session settings."""
     import bentoml
 
     stored = bentoml.models.get(service.SETTINGS.model_tag)
-    runtime = service.ModelRuntime.from_bento_model(stored, service.SETTINGS)
+    return service.ModelRuntime.from_bento_model(stored, service.SETTINGS)
+
+
+def model_cpu_ms(service: Any, calls: int = 300) -> float:
+    """CPU milliseconds of one model call on one image, with the service's session settings."""
+    runtime = served_runtime(service)
     pixels = runtime.blank(1)
     for _ in range(20):
         runtime.logits(pixels)
@@ -266,8 +271,7 @@ def operation_costs(service: Any, image: bytes, batch: float, calls: int = 3000)
     def request_log() -> None:  # what the gate writes after each response
         service.REQUEST_LOG.write("/predict 200 ok", dict(fields))
 
-    stored = __import__("bentoml").models.get(service.SETTINGS.model_tag)
-    runtime = service.ModelRuntime.from_bento_model(stored, service.SETTINGS)
+    runtime = served_runtime(service)
     one, many = runtime.blank(1), runtime.blank(max(1, round(batch)))
     spec = runtime.spec
     limits = runtime.limits
@@ -385,11 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.top:
             stats.sort_stats("tottime").print_stats(args.top)
     if args.costs:
-        stdout, sys.stdout = sys.stdout, log  # the request log's stream sink
-        try:
-            costs = operation_costs(service, images[0], args.batch)
-        finally:
-            sys.stdout = stdout
+        # The request log lines go to the configured stream, as in a worker (part of their cost).
+        costs = operation_costs(service, images[0], args.batch)
         print(
             f"\nEach operation alone (CPU µs, best of 3), per /predict at mean batch {args.batch:g}:"
         )

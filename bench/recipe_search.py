@@ -14,8 +14,8 @@ and the validation share. Every recipe trains with the project's own pieces, not
   the recipe sets ``val_fraction``);
 - model: :func:`train.models.build_model`, so the data's normalisation is inside the network and
   evaluation averages the mirror image (``flip_tta``), as the served model does;
-- optimiser and schedule: :func:`train.engine.make_optimizer` / :func:`train.engine.make_scheduler`
-  (SGD with Nesterov momentum, OneCycle per batch);
+- optimiser, schedule and loss: :func:`train.engine.make_training_parts`, as ``fit`` uses them
+  (SGD with Nesterov momentum, OneCycle per batch, label smoothing);
 - augmentation: :class:`train.transforms.AugmentationPreset`, on the CPU;
 - each epoch: :func:`train.engine.train_one_epoch` on ``--device``, then the validation accuracy
   from :func:`train.engine.evaluate`; after the last epoch the test accuracy (the 10,000 test
@@ -60,7 +60,7 @@ from torch import nn
 
 from train.config import DataConfig, ModelConfig, TrainConfig, load_settings
 from train.data import FASHION_MNIST_CLASSES, DataBundle, load_data, to_tensors
-from train.engine import evaluate, make_optimizer, make_scheduler, set_seed, train_one_epoch
+from train.engine import evaluate, make_training_parts, set_seed, train_one_epoch
 from train.models import ARCHITECTURES, build_model
 from train.preprocess import PreprocessSpec
 from train.settings_io import SettingsError, one_line, read_yaml_mapping
@@ -306,10 +306,8 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> RecipeResult:
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
     steps_per_epoch = (len(bundle.train) + cfg.batch_size - 1) // cfg.batch_size
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    optimizer, scheduler, criterion = make_training_parts(model, cfg, steps_per_epoch)
     preset = recipe.augmentation()
     curve: list[float] = []
     trained = 0
@@ -448,9 +446,7 @@ def measure_cpu_throughput(
         )
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(model, cfg)
-        scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=warmup + steps)
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        optimizer, scheduler, criterion = make_training_parts(model, cfg, warmup + steps)
         preset = recipe.augmentation()
 
         def train(batches: int) -> tuple[int, float]:

@@ -117,7 +117,7 @@ def measure(
 
     from train.config import ModelConfig, load_settings
     from train.data import to_tensors
-    from train.engine import make_optimizer, make_scheduler, set_seed
+    from train.engine import make_training_parts, set_seed
     from train.models import build_model
     from train.transforms import augment_batch, get_preset
 
@@ -141,9 +141,7 @@ def measure(
         model = model.to(memory_format=torch.channels_last)
     model.train()
     generator = set_seed(cfg.seed)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=1_000_000)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    optimizer, scheduler, criterion = make_training_parts(model, cfg, steps_per_epoch=1_000_000)
     preset = get_preset(settings.data.augmentation)
     batches: Iterator[tuple[Any, Any]]
     if variant == "DataLoader":

@@ -111,6 +111,15 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def make_training_parts(
+    model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, nn.Module]:
+    """What :func:`fit` trains ``model`` with: the optimizer, its per-batch schedule, the loss."""
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    return optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -315,9 +324,7 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     images, labels = train_data
     steps_per_epoch = (int(labels.shape[0]) + cfg.batch_size - 1) // cfg.batch_size
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    optimizer, scheduler, criterion = make_training_parts(model, cfg, steps_per_epoch)
     state = TrainState()
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
