@@ -36,8 +36,14 @@ def test_defaults_are_the_record_run_and_flags_override() -> None:
 def test_rss_of_a_process_tree_counts_children() -> None:
     own = soak.process_tree_rss_bytes(os.getpid())
     assert own is not None and own > 10 * 2**20
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # The child says when its interpreter is up: measured earlier, its RSS is still growing.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert child.stdout is not None and child.stdout.readline() == "up\n"
         with_child = soak.process_tree_rss_bytes(os.getpid())
         alone = soak.process_tree_rss_bytes(child.pid)
         assert alone is not None and with_child is not None and with_child >= own + alone // 2
