@@ -32,7 +32,7 @@ import numpy as np
 from loguru import logger
 
 import service
-from train.monitoring import DriftMonitor, build_reference
+from common.drift import DriftMonitor, build_reference
 
 CLASSES = [f"class-{i}" for i in range(10)]
 

@@ -3,7 +3,7 @@
 Same endpoints and JSON as ``service.py`` (``POST /predict`` with file field ``image``,
 ``POST /batch_predict`` with repeated ``images``, ``GET /readyz``), the same registered model,
 loaded from MLflow with ``mlflow.pytorch.load_model``, and the project's own decoding and
-preprocessing (``train.preprocess``), so the comparison isolates the serving design: one model
+preprocessing (``common.preprocess``), so the comparison isolates the serving design: one model
 call per request, no adaptive batching, FastAPI's multipart parsing, torch instead of ONNX Runtime.
 
 ``bench/suite.py`` starts it with ``python -m bench.peer_serve --workers N`` (uvicorn, see there) and:
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
 
-from train.preprocess import (
+from common.preprocess import (
     ImageDecodeError,
     PreprocessSpec,
     decode_image,
@@ -35,21 +35,15 @@ from train.preprocess import (
     softmax,
     to_model_input,
 )
-from train.settings_io import env_overrides, read_yaml_mapping, set_nested
+from serving.settings import load_serving_settings
 
 
 def serving_max_pixels(environ: Mapping[str, str] = os.environ) -> int:
     """The service's pixel limit (``limits.max_pixels`` in ``serving.yaml`` and its env override).
 
-    Read from the YAML, not through ``service.py``: the peer must not import BentoML.
+    :mod:`serving.settings` imports no BentoML, so the peer stays a plain FastAPI server.
     """
-    folder = (
-        environ.get("FASHION_SERVE_CONFIG_DIR") or Path(__file__).resolve().parents[1] / "configs"
-    )
-    tree = read_yaml_mapping(Path(folder) / "serving.yaml")
-    for keys, value, origin in env_overrides("FASHION_SERVE_SERVING__", environ):
-        set_nested(tree, keys, value, origin)
-    return int(tree["limits"]["max_pixels"])
+    return load_serving_settings(environ=environ).limits.max_pixels
 
 
 MAX_PIXELS = serving_max_pixels()

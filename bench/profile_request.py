@@ -242,7 +242,7 @@ def operation_costs(service: Any, image: bytes, batch: float, calls: int = 3000)
     """
     import prometheus_client as prom
 
-    from train.preprocess import decode_image, prepare_image
+    from common.preprocess import decode_image, prepare_image
 
     registry = prom.CollectorRegistry()  # fresh names; values still go to the mmap files
     histogram = prom.Histogram("cost_seconds", "h", registry=registry)

@@ -58,12 +58,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
+from common.preprocess import PreprocessSpec
+from common.settings import SettingsError, one_line, read_yaml_mapping
 from train.config import DataConfig, ModelConfig, TrainConfig, load_settings
 from train.data import FASHION_MNIST_CLASSES, DataBundle, load_data, to_tensors
 from train.engine import evaluate, make_training_parts, set_seed, train_one_epoch
 from train.models import ARCHITECTURES, build_model
-from train.preprocess import PreprocessSpec
-from train.settings_io import SettingsError, one_line, read_yaml_mapping
 from train.transforms import AugmentationPreset
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

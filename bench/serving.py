@@ -214,11 +214,11 @@ def make_tiny_model(home: Path, module_path: Path | None = None) -> str:
     """
     import torch
 
+    from common.preprocess import PreprocessSpec, to_model_input
     from train.config import ExportConfig, ModelConfig
     from train.data import FASHION_MNIST_CLASSES
     from train.export import import_to_bento
     from train.models import build_model
-    from train.preprocess import PreprocessSpec, to_model_input
 
     torch.manual_seed(0)
     spec = PreprocessSpec()
@@ -791,14 +791,14 @@ def server_env(home: Path, tag: str, workers: int | None) -> dict[str, str]:
 
 def configured_model_tag() -> str:
     """``model_tag`` of ``configs/serving.yaml`` (with ``FASHION_SERVE_SERVING__*`` overrides)."""
-    from service import load_serving_settings
+    from serving.settings import load_serving_settings
 
     return load_serving_settings().model_tag
 
 
 def effective_settings(env: dict[str, str]) -> dict[str, Any]:
     """The serving settings the server will use (``configs/serving.yaml`` + overrides)."""
-    from service import load_serving_settings
+    from serving.settings import load_serving_settings
 
     s = load_serving_settings(environ=env)
     return {

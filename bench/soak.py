@@ -36,9 +36,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from bench import serving
-from train.settings_io import read_yaml_mapping, validate
+from common.settings import config_dir, load_settings_file
 
-DEFAULT_CONFIG = serving.PROJECT_ROOT / "configs" / "soak.yaml"
+DEFAULT_CONFIG = config_dir() / "soak.yaml"
+ENV_PREFIX = "FASHION_SERVE_SOAK__"
 DEFAULT_OUTPUT = serving.PROJECT_ROOT / "docs" / "soak.md"
 ENDPOINTS = ("predict", "batch_predict")
 
@@ -61,9 +62,7 @@ class SoakSettings(BaseModel):
 
 def load_soak_settings(path: Path, overrides: dict[str, Any]) -> SoakSettings:
     """The YAML file with ``overrides`` (flags that were given) on top."""
-    tree = read_yaml_mapping(path)
-    tree.update({k: v for k, v in overrides.items() if v is not None})
-    return validate(SoakSettings, tree, f"soak config ({path})")
+    return load_settings_file(SoakSettings, "soak.yaml", ENV_PREFIX, path=path, flags=overrides)
 
 
 # --------------------------------------------------------------------------- memory

@@ -250,7 +250,7 @@ def real_pixels(count: int) -> tuple[np.ndarray[Any, Any], list[bytes], str]:
 
     from PIL import Image
 
-    from train.preprocess import PreprocessSpec, prepare_image, to_model_input
+    from common.preprocess import PreprocessSpec, prepare_image, to_model_input
 
     images, source = serving.load_images(max(count, RAW_BATCH))
     spec = PreprocessSpec()

@@ -49,13 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `train` importable
     sys.path.insert(0, str(ROOT))
 
-from train.settings_io import (  # noqa: E402
-    SettingsError,
-    env_overrides,
-    read_yaml_mapping,
-    set_nested,
-    validate,
-)
+from common.settings import SettingsError, load_settings_file  # noqa: E402
 
 ENV_PREFIX = "FASHION_SERVE_CONTAINER__"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -130,11 +124,9 @@ def load_container_settings(
     Raises:
         SettingsError: a missing or malformed file, an unknown key or an invalid value.
     """
-    file = path or ROOT / "configs" / "container.yaml"
-    tree = read_yaml_mapping(file)
-    for keys, value, name in env_overrides(ENV_PREFIX, os.environ if environ is None else environ):
-        set_nested(tree, keys, value, name)
-    return validate(ContainerSettings, tree, f"container config ({file}, {ENV_PREFIX}*)")
+    return load_settings_file(
+        ContainerSettings, "container.yaml", ENV_PREFIX, path=path, environ=environ
+    )
 
 
 def work_dir(settings: ContainerSettings) -> Path:
@@ -467,7 +459,7 @@ def model_preflight(model_tag: str, env: Mapping[str, str], runner: Runner = run
 
 def served_model_tag(env: Mapping[str, str]) -> str:
     """``model_tag`` of the serving settings (with ``FASHION_SERVE_SERVING__`` overrides)."""
-    from service import load_serving_settings  # the service's own reader; no torch
+    from serving.settings import load_serving_settings  # no BentoML, no torch
 
     return load_serving_settings(environ=env).model_tag
 
@@ -575,10 +567,10 @@ def import_tiny_model(home: Path) -> str:
     import numpy as np
     import torch
 
+    from common.preprocess import PreprocessSpec, to_model_input
     from train.config import ExportConfig, ModelConfig
     from train.export import import_to_bento
     from train.models import build_model
-    from train.preprocess import PreprocessSpec, to_model_input
 
     spec = PreprocessSpec()
     torch.manual_seed(0)

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import torch
 
+from common.preprocess import PreprocessSpec, to_model_input
 from train.config import ExportConfig, ModelConfig
 from train.export import import_to_bento
 from train.models import build_model
-from train.preprocess import PreprocessSpec, to_model_input
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 120.0

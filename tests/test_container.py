@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from common.settings import SettingsError
 from scripts import container
 from scripts.container import ContainerError, ContainerSettings
-from train.settings_io import SettingsError
 
 FAKE_ENGINE = """#!/bin/sh
 # Records its arguments; `image inspect` finds nothing, `run -d` prints an id, `info` works.

@@ -18,6 +18,7 @@ import torchvision.datasets
 from numpy.typing import NDArray
 from PIL import Image
 
+from common.preprocess import PreprocessSpec
 from train.config import DataConfig
 from train.data import (
     FASHION_MNIST_CLASSES,
@@ -39,7 +40,6 @@ from train.data import (
     to_tensors,
     write_statistics,
 )
-from train.preprocess import PreprocessSpec
 
 MakeFmnist = Callable[..., Path]
 MakeImageFolder = Callable[..., Path]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.preprocess import PreprocessSpec
 from train.config import ModelConfig, TrainConfig
 from train.engine import (
     LAST,
@@ -23,7 +24,6 @@ from train.engine import (
     train_one_epoch,
 )
 from train.models import build_model
-from train.preprocess import PreprocessSpec
 from train.transforms import PRESETS, AugmentationPreset
 
 

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from numpy.typing import NDArray
 from torch import nn
 
+from common.preprocess import PreprocessSpec, to_model_input
 from tests.conftest import MakeSettings
 from train import export, tracking
 from train.config import ExportConfig, ModelConfig
@@ -31,7 +32,6 @@ from train.export import (
     parity_input,
 )
 from train.models import build_model
-from train.preprocess import PreprocessSpec, to_model_input
 
 CLASSES = ["shirt", "shoe", "bag"]
 SPEC = PreprocessSpec()
@@ -247,9 +247,11 @@ def test_reference_is_stored_with_the_model_and_can_be_added_later(
 ) -> None:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
+    from common.drift import Reference
+    from common.model_format import REFERENCE_FILE
     from train.__main__ import main
     from train.data import FASHION_MNIST_CLASSES
-    from train.monitoring import REFERENCE_FILE, Reference, stored_reference
+    from train.monitoring import stored_reference
 
     home = tmp_path / "bento"
     settings = make_settings(f'export.bentoml_home="{home}"', "export.reference_sample=10")

@@ -37,6 +37,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from common.preprocess import prepare_image, softmax, to_model_input
 from tests.serving_helpers import (
     TINY_SPEC,
     bentoml_serve,
@@ -48,7 +49,6 @@ from tests.serving_helpers import (
 from tests.test_registry import _logged_run
 from train.config import Settings
 from train.export import import_champion
-from train.preprocess import prepare_image, softmax, to_model_input
 from train.registry import promote
 from train.tracking import TrackingError
 

@@ -11,6 +11,7 @@ import torchvision
 from efficientnet_lite_pytorch import EfficientNet  # type: ignore[import-untyped]
 from torch import nn
 
+from common.preprocess import PreprocessSpec
 from train.config import ModelConfig
 from train.models import (
     ARCHITECTURES,
@@ -25,7 +26,6 @@ from train.models import (
     model_size_mb,
     rename_lite0_state_dict,
 )
-from train.preprocess import PreprocessSpec
 
 BIG_BACKBONES = {"efficientnet_lite0", "resnet18"}
 GRAY = PreprocessSpec(mean=(0.25,), std=(0.5,))

@@ -14,24 +14,21 @@ import numpy as np
 import pytest
 import yaml
 
-from train import monitoring
-from train.__main__ import main
-from train.monitoring import (
-    AlertSettings,
+from common.alerts import AlertSettings, duration_seconds, load_alert_settings
+from common.drift import (
     DriftMonitor,
     Reference,
     brightness,
     build_reference,
-    duration_seconds,
-    evaluate_alerts,
     ks_statistic,
-    load_alert_settings,
     psi,
-    render_prometheus_rules,
     score_margin,
     top2_margin,
 )
-from train.settings_io import SettingsError
+from common.settings import SettingsError
+from train import monitoring
+from train.__main__ import main
+from train.monitoring import evaluate_alerts, render_prometheus_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_FILE = ROOT / "deploy" / "prometheus" / "alerts.yml"

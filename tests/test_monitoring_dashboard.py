@@ -22,14 +22,16 @@ import pytest
 import torch
 import yaml
 
+from common.alerts import load_alert_settings
+from common.drift import Reference
+from common.model_format import REFERENCE_FILE
+from common.preprocess import PreprocessSpec, to_model_input
 from tests.conftest import MakeFmnist, MakeSettings
 from tests.serving_helpers import bentoml_serve
 from tests.test_notebooks import _execute, _image_count, _outputs
 from train.config import ModelConfig
 from train.data import FASHION_MNIST_CLASSES
 from train.export import import_to_bento, reference_input
-from train.monitoring import REFERENCE_FILE, Reference, load_alert_settings
-from train.preprocess import PreprocessSpec, to_model_input
 
 pytestmark = pytest.mark.slow
 

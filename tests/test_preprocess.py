@@ -15,7 +15,7 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image
 
-from train.preprocess import (
+from common.preprocess import (
     ACCEPTED_FORMATS,
     ImageDecodeError,
     PreprocessSpec,
@@ -395,7 +395,7 @@ def test_spec_defaults_and_validation() -> None:
 
 
 def test_preprocess_does_not_import_torch() -> None:
-    code = "import sys, train.preprocess; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, common.preprocess; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )

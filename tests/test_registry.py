@@ -10,10 +10,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from common.preprocess import PreprocessSpec
 from train import tracking
 from train.config import ModelConfig, Settings
 from train.models import build_model
-from train.preprocess import PreprocessSpec
 from train.registry import PromotionError, candidates, promote
 
 MakeSettings = Callable[..., Settings]

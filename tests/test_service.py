@@ -38,10 +38,10 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 import service
+from common.preprocess import prepare_image, softmax, to_model_input
 from tests import serving_helpers
 from tests.serving_helpers import bentoml_serve
 from train.monitoring import LoggingSettings
-from train.preprocess import prepare_image, softmax, to_model_input
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = serving_helpers.TINY_CLASSES
@@ -975,7 +975,7 @@ def test_bentoml_build_packages_the_model_without_torch(bento_home: Path, tmp_pa
     assert (bento_home / "models" / served_models[0].replace(":", "/") / "model.onnx").exists()
     bento_dir = bento_home / "bentos" / tag.replace(":", "/")
     files = {p.relative_to(bento_dir / "src").as_posix() for p in (bento_dir / "src").rglob("*.py")}
-    assert {"service.py", "train/preprocess.py", "train/settings_io.py"} <= files
+    assert {"service.py", "common/preprocess.py", "common/settings.py"} <= files
     assert "train/models.py" not in files
     # The container BentoML generates runs as its own unprivileged user, never as root.
     dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()

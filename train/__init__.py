@@ -1,1 +1,1 @@
-"""fashion-serve training pipeline. Kept import-free so serving can import train.preprocess without torch."""
+"""fashion-serve training pipeline: data, models, fit, tracking, registry, export (torch, MLflow)."""

@@ -84,13 +84,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _monitoring(args: argparse.Namespace) -> int:
     """``alerts`` and ``alert-rules``: no training settings, no torch."""
-    from train.monitoring import (
-        load_alert_settings,
-        parse_time,
-        render_prometheus_rules,
-        run_alerts,
-    )
-    from train.settings_io import SettingsError
+    from common.alerts import load_alert_settings
+    from common.settings import SettingsError
+    from train.monitoring import parse_time, render_prometheus_rules, run_alerts
 
     try:
         settings = load_alert_settings(args.alerts_config)

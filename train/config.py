@@ -18,16 +18,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from train.settings_io import (
+from common.settings import (
+    PROJECT_ROOT,
     SettingsError,
+    config_dir,
     env_overrides,
     parse_value,
     read_yaml_mapping,
+    resolve_path,
     set_nested,
     validate,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["PROJECT_ROOT", "config_dir", "resolve_path"]  # re-exported for train's modules
 ENV_PREFIX = "FASHION_SERVE__"
 SECTIONS = ("data", "model", "train", "tracking", "registry", "export", "sweep")
 
@@ -188,16 +191,6 @@ class Settings(_Section):
                 f"unknown architecture '{value.name}' (known: {', '.join(sorted(ARCHITECTURES))})"
             )
         return value
-
-
-def resolve_path(path: Path) -> Path:
-    """Relative paths in configs are relative to the project root, not the working directory."""
-    return path if path.is_absolute() else PROJECT_ROOT / path
-
-
-def config_dir() -> Path:
-    """The folder holding the section files (``FASHION_SERVE_CONFIG_DIR`` overrides)."""
-    return Path(os.environ.get("FASHION_SERVE_CONFIG_DIR", PROJECT_ROOT / "configs"))
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:

@@ -2,7 +2,7 @@
 
 Everything is decoded once into ``uint8`` arrays ``[N, H, W, C]`` held in memory: Fashion-MNIST
 is 47 MB that way, and an epoch then costs no decoding. ImageFolder images go through
-:func:`train.preprocess.prepare_image`, the same function serving uses.
+:func:`common.preprocess.prepare_image`, the same function serving uses.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 from loguru import logger
 from numpy.typing import NDArray
 
+from common.preprocess import ImageDecodeError, PreprocessSpec, decode_image, prepare_image
 from train.config import DataConfig, resolve_path
-from train.preprocess import ImageDecodeError, PreprocessSpec, decode_image, prepare_image
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",

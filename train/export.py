@@ -41,13 +41,11 @@ from loguru import logger
 from numpy.typing import NDArray
 from torch import nn
 
+from common.drift import Reference, build_reference
+from common.model_format import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, REFERENCE_FILE
+from common.preprocess import PreprocessSpec, softmax, to_model_input
 from train.config import PROJECT_ROOT, ExportConfig, Settings, resolve_path
-from train.monitoring import REFERENCE_FILE, Reference, build_reference
-from train.preprocess import PreprocessSpec, softmax, to_model_input
 
-ONNX_FILE = "model.onnx"
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 #: Label keys that identify a registered model version in the BentoML store.
 LABEL_NAME = "registered_model"
 LABEL_VERSION = "registered_version"

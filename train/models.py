@@ -1,7 +1,7 @@
 """Architectures by name, and pretrained weight loading.
 
 Every model is wrapped in :class:`Classifier`, which takes raw ``0..255`` pixels ``[N, C, H, W]``
-(as produced by :func:`train.preprocess.to_model_input`) and does the rest inside the network:
+(as produced by :func:`common.preprocess.to_model_input`) and does the rest inside the network:
 scaling, mean/std normalisation, grayscale-to-RGB replication and upscaling for backbones that
 want them. The exported ONNX graph therefore carries the whole numeric preprocessing.
 """
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.preprocess import PreprocessSpec
 from train.config import ModelConfig, resolve_path
-from train.preprocess import PreprocessSpec
 
 
 class ModelError(RuntimeError):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from loguru import logger
 
+from common.preprocess import PreprocessSpec, to_model_input
 from train import tracking
 from train.config import Settings, resolve_path
 from train.data import DataBundle, dataset_statistics, load_data, to_tensors, write_statistics
@@ -29,7 +30,6 @@ from train.engine import (
     load_checkpoint,
 )
 from train.models import ModelError, build_model, count_parameters, model_size_mb
-from train.preprocess import PreprocessSpec, to_model_input
 from train.transforms import get_preset
 
 

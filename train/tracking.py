@@ -22,8 +22,8 @@ from mlflow.entities import Run
 from mlflow.models import infer_signature
 from torch import nn
 
+from common.preprocess import PreprocessSpec
 from train.config import TrackingConfig, resolve_path
-from train.preprocess import PreprocessSpec
 
 MODEL_URI_TAG = "model_uri"
 MODEL_ARTIFACT_NAME = "model"

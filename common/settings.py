@@ -1,12 +1,14 @@
-"""YAML files, environment overrides and one-line validation errors, for every settings class.
+"""The one settings loader: YAML file → environment overrides → validated pydantic model.
 
-Shared by the training settings (:mod:`train.config`) and the serving settings (``service.py``),
-so both read files, apply ``PREFIX__A__B=value`` overrides and report mistakes the same way.
-Torch-free: the serving image imports it.
+Training (:mod:`train.config`), serving (:mod:`serving.settings`), alerting, containers and
+benchmarks all load their settings here, so each reads ``configs/`` (or
+``FASHION_SERVE_CONFIG_DIR``) the same way, applies ``PREFIX__A__B=value`` overrides and reports a
+mistake in one line that names the file, variable or key.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +17,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: Names the folder of settings files; the project's ``configs/`` when unset.
+CONFIG_DIR_ENV = "FASHION_SERVE_CONFIG_DIR"
 
 
 class SettingsError(ValueError):
@@ -82,3 +88,47 @@ def validate(model: type[ModelT], tree: dict[str, Any], what: str) -> ModelT:
         raise SettingsError(
             f"invalid {what} at {where}: {first['msg']} (got {first.get('input')!r})"
         ) from exc
+
+
+def config_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The folder holding the settings files (``FASHION_SERVE_CONFIG_DIR`` overrides)."""
+    folder = (os.environ if environ is None else environ).get(CONFIG_DIR_ENV)
+    return Path(folder) if folder else PROJECT_ROOT / "configs"
+
+
+def resolve_path(path: Path) -> Path:
+    """Relative paths in settings are relative to the project root, not the working directory."""
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def load_settings_file(
+    model: type[ModelT],
+    file_name: str,
+    env_prefix: str,
+    *,
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> ModelT:
+    """Read one settings file, apply ``PREFIX_A__B=value`` overrides, validate.
+
+    Args:
+        model: The pydantic model the file describes.
+        file_name: The file in :func:`config_dir`, e.g. ``serving.yaml``.
+        env_prefix: The environment prefix of the overrides, e.g. ``FASHION_SERVE_SERVING__``.
+        path: Another file to read instead.
+        environ: Environment for the overrides and the config folder; ``os.environ`` by default.
+        flags: Top-level values given on a command line, applied last (``None`` values skipped).
+
+    Raises:
+        SettingsError: a missing or malformed file, or an unknown key or invalid value.
+    """
+    env = os.environ if environ is None else environ
+    file = path or config_dir(env) / file_name
+    tree = read_yaml_mapping(file)
+    for keys, value, name in env_overrides(env_prefix, env):
+        set_nested(tree, keys, value, name)
+    tree.update({key: value for key, value in (flags or {}).items() if value is not None})
+    return validate(
+        model, tree, f"{file_name.removesuffix('.yaml')} config ({file}, {env_prefix}*)"
+    )

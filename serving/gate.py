@@ -1,0 +1,314 @@
+"""The upload gate: ASGI middleware that owns ``/predict`` and ``/batch_predict``.
+
+Follow an upload from here to the model: :class:`ApiKeyGuard` checks the optional API key (401
+before the body is read); :mod:`serving.uploads` reads the body within its limit and keeps the
+uploaded files; :meth:`serving.runtime.ModelRuntime.prepare` decodes them into model input; the
+pixels go to BentoML's adaptive batcher (:func:`serving.bentoml_bridge.find_api_call`), which runs
+:meth:`serving.runtime.ModelRuntime.predict`; the gate writes the JSON answer, the metrics, the
+request log line and the prediction data (:mod:`serving.telemetry`). Every client mistake ends
+as a 4xx JSON :class:`serving.schema.ErrorBody`, and so do 404 and 405 on the service's routes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+import bentoml
+from bentoml.exceptions import BentoMLException
+from loguru import logger
+
+from serving.bentoml_bridge import ApiCall, find_api_call
+from serving.schema import EXCHANGE, BadInputError, ErrorBody, Exchange, prediction_body
+from serving.settings import AuthSettings, ServingConfigError
+from serving.telemetry import REQUEST_LOG, PredictionRecorder, service_metrics
+from serving.uploads import parse_multipart, read_body, select_files
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from serving.runtime import ModelRuntime
+
+#: The gate's routes: their multipart field, and whether the answer is one object.
+ROUTES = {"/predict": ("image", True), "/batch_predict": ("images", False)}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+_HEALTH_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+
+
+class ApiKeyGuard:
+    """The optional API key check (``auth`` in ``configs/serving.yaml``), used by the gate.
+
+    The key is read once from the environment variable the settings name; it is compared in
+    constant time and never logged or echoed.
+    """
+
+    def __init__(self, settings: AuthSettings, environ: Mapping[str, str]) -> None:
+        """Read the key; refuse to start when auth is on and the key is missing or short.
+
+        Raises:
+            ServingConfigError: ``auth.enabled`` without a usable key (the message names the
+                variable, never its value).
+        """
+        self.enabled = settings.enabled
+        self.header = settings.header.lower().encode("ascii")
+        key = environ.get(settings.key_env, "") if settings.enabled else ""
+        if settings.enabled and len(key) < settings.min_key_length:
+            raise ServingConfigError(
+                f"auth.enabled is true but environment variable {settings.key_env} is unset or "
+                f"shorter than auth.min_key_length ({settings.min_key_length}) characters"
+            )
+        self._key = key.encode()
+        self.paths = frozenset(ROUTES) | (_HEALTH_PATHS if settings.protect_health else frozenset())
+        if settings.protect_metrics:
+            self.paths |= {"/metrics"}
+
+    def protects(self, path: str) -> bool:
+        """Whether a request to ``path`` needs the key."""
+        return self.enabled and path in self.paths
+
+    def check(self, path: str, headers: Mapping[bytes, bytes]) -> None:
+        """Let the request through, or raise a 401 when the key is missing or wrong.
+
+        Raises:
+            BadInputError: 401 ``unauthorized``.
+        """
+        if not self.protects(path):
+            return
+        supplied = headers.get(self.header)
+        if supplied is None:
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            supplied = token.strip() if scheme.lower() == b"bearer" else b""
+        if not hmac.compare_digest(supplied, self._key):
+            raise BadInputError(
+                401,
+                "unauthorized",
+                f"missing or wrong API key: send it in the {self.header.decode()} header "
+                "(or Authorization: Bearer)",
+            )
+
+
+def service_error(status: int, message: str) -> BadInputError:
+    """The answer to a failed model call (a BentoML error's status; 500 for anything else).
+
+    503 is BentoML's batcher shedding load (kind ``overloaded``); any other 5xx is a 500
+    ``server_error`` with its details only in the server log; a 4xx keeps ``http_<status>``.
+    """
+    if status == 503:
+        return BadInputError(503, "overloaded", message or "the service is overloaded")
+    if status >= 500:
+        return BadInputError(500, "server_error", "an unexpected error, see the server log")
+    return BadInputError(status, f"http_{status}", message)
+
+
+async def send_json(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer ``status`` with a complete JSON ``body`` (two ASGI messages)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers.extend(extra or ())
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(
+    send: Send, error: BadInputError, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer ``error`` as its status with an :class:`ErrorBody`."""
+    body = ErrorBody(error=str(error), kind=error.kind).model_dump_json().encode()
+    await send_json(send, error.status, body, headers)
+
+
+_PLAIN_ERRORS = {404: "not_found", 405: "method_not_allowed"}
+
+
+def json_not_found(scope: Scope, send: Send) -> Send:
+    """``send`` with Starlette's plain-text 404 and 405 answers turned into JSON error bodies."""
+    replaced: dict[str, Any] = {}
+
+    async def send_json_errors(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] in _PLAIN_ERRORS:
+            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            if not content_type.startswith(b"application/json"):
+                replaced["start"] = message
+                return
+        if message["type"] == "http.response.body" and "start" in replaced:
+            start = replaced.pop("start")
+            status = start["status"]
+            kept = [
+                (name, value)
+                for name, value in start.get("headers", [])
+                if name.lower() not in (b"content-type", b"content-length")
+            ]
+            error = BadInputError(
+                status,
+                _PLAIN_ERRORS[status],
+                f"{scope['method']} {scope['path']}: "
+                + ("no such route" if status == 404 else "method not allowed"),
+            )
+            await send_error(send, error, kept)
+            return
+        await send(message)
+
+    return send_json_errors
+
+
+class UploadGate:
+    """ASGI middleware that owns ``/predict`` and ``/batch_predict``: parse, call, log."""
+
+    def __init__(self, app: ASGIApp, guard: ApiKeyGuard) -> None:
+        self.app = app
+        self.guard = guard
+        self._calls: dict[str, ApiCall | None] = {}
+
+    def api_call(self, scope: Scope, endpoint: str) -> ApiCall | None:
+        """The direct call for ``endpoint`` (looked up once; see :func:`find_api_call`)."""
+        if endpoint not in self._calls:
+            self._calls[endpoint] = find_api_call(scope.get("app"), endpoint.lstrip("/"))
+        return self._calls[endpoint]
+
+    def report_request_path(self, scope: Scope) -> str:
+        """Look the direct calls up, then log and export which path requests take."""
+        found = [self.api_call(scope, endpoint) is not None for endpoint in ROUTES]
+        path = "direct" if all(found) else "endpoint"
+        gauge = service_metrics().request_path
+        gauge.labels(path=path).set(1)
+        gauge.labels(path="endpoint" if path == "direct" else "direct").set(0)
+        log = logger.bind(logger="fashion_serve", request_path=path)
+        if path == "direct":
+            log.info("requests go straight to BentoML's batcher (request path: direct)")
+        else:
+            log.warning(
+                "BentoML's app layout is not the one serving.bentoml_bridge knows: requests take "
+                "BentoML's full endpoint (request path: endpoint), slower but correct"
+            )
+        return path
+
+    async def answer(
+        self, call: ApiCall, exchange: Exchange, single: bool, send: Send
+    ) -> BadInputError | None:
+        """Run the API on the parsed pixels and send its JSON; the error sent, if any."""
+        error = None
+        try:
+            exchange.predictions = await call(exchange.pixels)
+        except BentoMLException as exc:
+            error = service_error(exc.error_code.value, str(exc))
+        except Exception:  # noqa: BLE001 - the edge: answer 500 and log, as BentoML would
+            logger.bind(logger="fashion_serve", request_id=exchange.request_id).exception(
+                "{} failed", exchange.endpoint
+            )
+            error = service_error(500, "")
+        if error is None:
+            await send_json(send, 200, prediction_body(exchange.predictions, single))
+        else:
+            await send_error(send, error)
+        return error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Parse and validate the upload, run the API on it (BentoML's batcher), log it.
+
+        Without a direct call (see :func:`find_api_call`) the pixels go to BentoML's endpoint.
+        """
+        if scope["type"] == "lifespan":
+            self.report_request_path(scope)
+        route = ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
+            if scope["type"] == "http":
+                try:
+                    self.guard.check(scope["path"], dict(scope["headers"]))
+                except BadInputError as exc:
+                    await send_error(send, exc)
+                    return
+                if route is not None:
+                    allow = "POST"
+                    await send_error(
+                        send,
+                        BadInputError(
+                            405,
+                            "method_not_allowed",
+                            f"{scope['path']} takes {allow} (multipart/form-data), not "
+                            f"{scope['method']}",
+                        ),
+                        [(b"allow", allow.encode())],
+                    )
+                    return
+                send = json_not_found(scope, send)
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        endpoint = scope["path"]
+        headers = dict(scope["headers"])
+        incoming_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming_id if _REQUEST_ID.match(incoming_id) else uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        current = bentoml.get_current_service()
+        runtime: ModelRuntime = current.runtime
+        recorder: PredictionRecorder = current.recorder
+        field_name, single = route
+        exchange: Exchange | None = None
+        error: BadInputError | None = None
+        try:
+            self.guard.check(endpoint, headers)
+            body = await read_body(receive, headers, runtime.limits.max_upload_bytes)
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            parts = parse_multipart(body, content_type, field_name)
+            files = select_files(parts, field_name, single, runtime.limits.max_images_per_batch)
+            sizes: list[tuple[int, int]] = []
+            if len(body) <= runtime.limits.inline_decode_max_bytes:
+                pixels = runtime.prepare(files, field_name, sizes)
+            else:
+                pixels = await anyio.to_thread.run_sync(runtime.prepare, files, field_name, sizes)
+            exchange = Exchange(request_id, endpoint, pixels, sizes)
+        except BadInputError as exc:
+            error = exc
+            await send_error(send_with_id, exc)
+        call = self.api_call(scope, endpoint) if exchange is not None else None
+        if exchange is not None:
+            exchange.handed = time.perf_counter()
+        if exchange is not None and call is not None:
+            error = await self.answer(call, exchange, single, send_with_id)
+        elif exchange is not None:
+            token = EXCHANGE.set(exchange)
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                EXCHANGE.reset(token)
+        latency = time.perf_counter() - started
+        kind = error.kind if error else (f"http_{status}" if status >= 400 else None)
+        if kind is not None:
+            runtime.metrics.errors.labels(endpoint=endpoint, kind=kind).inc()
+        runtime.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        runtime.metrics.request_seconds.observe(latency)
+        predictions = exchange.predictions if exchange else []
+        queued = None if exchange is None else recorder.record(exchange)
+        REQUEST_LOG.write(
+            f"{endpoint} {status} {error or 'ok'}",
+            {
+                "request_id": request_id,
+                "endpoint": endpoint,
+                "status": status,
+                "latency_ms": round(latency * 1000, 3),
+                "queue_ms": None if queued is None else round(queued * 1000, 3),
+                "images": 0 if exchange is None else len(exchange.pixels),
+                "labels": [p.label for p in predictions],
+                "confidences": [round(p.confidence, 4) for p in predictions],
+                "error_kind": kind,
+            },
+        )

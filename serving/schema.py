@@ -1,0 +1,147 @@
+"""The API's data: request and response models, the error body, and what the gate hands the API.
+
+The IO descriptors only *declare* the multipart inputs and JSON outputs for the OpenAPI schema;
+the upload gate (:mod:`serving.gate`) parses every request and writes every response.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from bentoml.exceptions import InvalidArgument
+from bentoml.validators import ContentType
+from numpy.typing import NDArray
+from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter
+from starlette.responses import Response
+
+from serving.bentoml_bridge import GateFedInput, JsonArrayOutput, JsonObjectOutput
+
+
+class Prediction(BaseModel):
+    """One image's prediction."""
+
+    label: str = Field(description="The most likely class.")
+    class_id: int = Field(description="Index of ``label`` in the model's classes.")
+    confidence: float = Field(description="Probability of ``label``.")
+    scores: dict[str, float] = Field(description="Probability of every class.")
+    # perf_counter() when this prediction's batch reached ONNX Runtime (queue-time metric).
+    _batch_started: float = PrivateAttr(default=0.0)
+
+
+class ErrorBody(BaseModel):
+    """The JSON body of every 4xx answer from the upload gate."""
+
+    error: str = Field(description="What is wrong, in words.")
+    kind: str = Field(description="A stable code, e.g. too_many_pixels, not_an_image.")
+
+
+class BadInputError(Exception):
+    """A client mistake: answered with ``status`` and an :class:`ErrorBody`."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+DECODE_STATUS = {
+    "empty": 400,
+    "not_an_image": 415,
+    "unsupported_format": 415,
+    "too_many_pixels": 413,
+    "corrupt": 422,
+}
+
+
+@dataclass
+class Exchange:
+    """One request as the gate parsed it, and what the API answered."""
+
+    request_id: str
+    endpoint: str
+    pixels: NDArray[np.float32]
+    sizes: list[tuple[int, int]]
+    predictions: list[Prediction] = field(default_factory=list)
+    handed: float = 0.0  # perf_counter() when the gate handed the request to BentoML
+
+
+EXCHANGE: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar(
+    "fashion_serve_exchange", default=None
+)
+
+
+def _current_pixels() -> NDArray[np.float32]:
+    exchange = EXCHANGE.get()
+    if exchange is None:
+        # Only reachable if a route is served without the gate (a wiring mistake).
+        raise InvalidArgument("images must be uploaded as multipart/form-data files")
+    return exchange.pixels
+
+
+_PREDICTIONS_JSON = TypeAdapter(list[Prediction])
+
+
+def prediction_body(predictions: Sequence[Prediction], single: bool) -> bytes:
+    """The JSON response: one object for ``/predict``, an array for ``/batch_predict``."""
+    if single:
+        return predictions[0].__pydantic_serializer__.to_json(predictions[0])
+    return _PREDICTIONS_JSON.dump_json(list(predictions))
+
+
+def _recorded_body(predictions: Sequence[Prediction], single: bool) -> Response:
+    # The fallback path (BentoML's own endpoint): keep what was answered for the gate's log.
+    exchange = EXCHANGE.get()
+    if exchange is not None:
+        exchange.predictions = list(predictions)
+    # One complete body: BentoML's streaming response sends an extra empty body message, and
+    # every message passes five send wrappers.
+    return Response(content=prediction_body(predictions, single), media_type="application/json")
+
+
+class PredictInput(GateFedInput):
+    """``multipart/form-data`` with one image file in field ``image``."""
+
+    image: Annotated[Path, ContentType("image/*")] = Field(
+        description="PNG, JPEG, WebP, BMP, GIF or TIFF bytes (format read from the bytes)."
+    )
+
+    @classmethod
+    def from_gate(cls) -> dict[str, Any]:
+        """The pixels the gate prepared."""
+        return {"image": _current_pixels()}
+
+
+class BatchPredictInput(GateFedInput):
+    """``multipart/form-data`` with image files in repeated field ``images``."""
+
+    images: list[Annotated[Path, ContentType("image/*")]] = Field(
+        min_length=1, description="Image files; answers come back in this order."
+    )
+
+    @classmethod
+    def from_gate(cls) -> dict[str, Any]:
+        """The pixels the gate prepared."""
+        return {"images": _current_pixels()}
+
+
+class PredictOutput(JsonObjectOutput, Prediction):
+    """The prediction for the one image."""
+
+    @classmethod
+    def render(cls, obj: Any) -> Response:
+        """The batched result (a list of one) as a single JSON object."""
+        return _recorded_body(obj, single=True)
+
+
+class BatchPredictOutput(JsonArrayOutput[list[Prediction]]):
+    """The predictions, in the order the images were uploaded."""
+
+    @classmethod
+    def render(cls, obj: Any) -> Response:
+        """The list of predictions as a JSON array."""
+        return _recorded_body(obj, single=False)

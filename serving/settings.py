@@ -1,0 +1,196 @@
+"""Serving settings: ``configs/serving.yaml`` with ``FASHION_SERVE_SERVING__KEY`` overrides.
+
+Models only, and the one call that loads them; importing this module reads nothing and imports
+no BentoML, so training's ``alerts`` command, containers and benchmarks use it too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.settings import PROJECT_ROOT, SettingsError, load_settings_file
+
+ENV_PREFIX = "FASHION_SERVE_SERVING__"
+#: ``configs/serving.yaml`` or an override is wrong; the message names the key.
+ServingConfigError = SettingsError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LogFileSettings(_Strict):
+    """One JSON-lines file written by every worker process."""
+
+    enabled: bool = True
+    path: str = Field(
+        description="File name; '{worker}' becomes the BentoML worker id (the pid outside a worker)."
+    )
+    rotation: str = Field(description="loguru rotation, e.g. '100 MB' or '1 day'.")
+    retention: str = Field(description="loguru retention, e.g. '7 days' or '10 files'.")
+    compression: str | None = Field(None, description="e.g. 'gz' for rotated files.")
+    flush_interval_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description=(
+            "Seconds between batched writes: requests append their lines in memory and a "
+            "background thread writes them together; 0 writes each line in the request."
+        ),
+    )
+
+    def for_worker(self, worker: str) -> Path:
+        """The file of one worker; relative paths are below the project root."""
+        path = Path(self.path.replace("{worker}", worker))
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+    def pattern(self) -> str:
+        """A glob matching every worker's file, rotated ones included."""
+        return str(self.for_worker("*")) + "*"
+
+
+class LoggingSettings(_Strict):
+    """The ``logging`` section of ``configs/serving.yaml``."""
+
+    level: str = Field(pattern=r"^(TRACE|DEBUG|INFO|SUCCESS|WARNING|ERROR|CRITICAL)$")
+    stream: Literal["stdout", "stderr", "none"] = Field(
+        description="Where JSON log lines go besides the file."
+    )
+    file: LogFileSettings = Field(description="Every log line (request lines included) as JSON.")
+    predictions: LogFileSettings = Field(description="One JSON line per prediction, for drift.")
+
+
+class BatchingSettings(_Strict):
+    """Adaptive batching of one endpoint."""
+
+    max_batch_size: int = Field(
+        ge=1, description="Most images in one model call (1 turns batching off, for benchmarks)."
+    )
+    max_latency_ms: int = Field(
+        gt=0, description="Queue wait + estimated batch time after which BentoML answers 503."
+    )
+
+    def api_options(self) -> dict[str, object]:
+        """``@bentoml.api`` arguments: adaptive batching, or none when ``max_batch_size`` is 1.
+
+        BentoML refuses a batch size of 1; without ``batchable`` every request is one model call
+        (the "batching off" benchmark), with the same input and output as when batched.
+        """
+        if self.max_batch_size == 1:
+            return {"batchable": False}
+        return {
+            "batchable": True,
+            "max_batch_size": self.max_batch_size,
+            "max_latency_ms": self.max_latency_ms,
+        }
+
+
+class LimitSettings(_Strict):
+    """What one request may hold."""
+
+    max_upload_bytes: int = Field(ge=1)
+    max_pixels: int = Field(ge=1, description="Width * height of one image.")
+    max_images_per_batch: int = Field(ge=1)
+    draft_size: int | None = Field(None, ge=1, description="JPEG reduced-size decoding target.")
+    inline_decode_max_bytes: int = Field(
+        ge=0, description="Bodies up to this size are decoded on the event loop."
+    )
+
+
+class AuthSettings(_Strict):
+    """Optional API key for the prediction endpoints (off by default)."""
+
+    enabled: bool = False
+    key_env: str = Field(
+        "FASHION_SERVE_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the key; the key is never in a file or a log.",
+    )
+    header: str = Field(
+        "x-api-key",
+        pattern=r"^[A-Za-z0-9-]+$",
+        description="Request header carrying the key (``Authorization: Bearer`` works too).",
+    )
+    min_key_length: int = Field(16, ge=1, description="Shorter keys refuse to start.")
+    protect_health: bool = Field(False, description="Also require the key on /livez, /readyz.")
+    protect_metrics: bool = Field(False, description="Also require the key on /metrics.")
+
+
+class ServingSettings(_Strict):
+    """Everything ``service.py`` reads from ``configs/serving.yaml``."""
+
+    model_tag: str
+    workers: int = Field(ge=1)
+    threads: int = Field(ge=1)
+    onnx_intra_op_threads: int = Field(ge=1)
+    onnx_inter_op_threads: int = Field(ge=1)
+    onnx_memory_pattern: bool = Field(
+        False,
+        description="ONNX Runtime's per-input-shape memory plan cache (enable_mem_pattern). "
+        "Adaptive batching sends up to max_batch_size distinct shapes, so it grows for as long "
+        "as new batch sizes turn up; off costs no measurable speed (docs/soak.md).",
+    )
+    backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="onnx (the product) or torch (eager, for benchmarks; needs torch)."
+    )
+    torch_model_path: Path | None = Field(
+        None, description="A torch.save'd nn.Module, the same model as model_tag (backend torch)."
+    )
+    inline_infer_max_images: int = Field(
+        0,
+        ge=0,
+        description="Batches up to this size run on the event loop (no thread hop); larger in a "
+        "worker thread so request parsing goes on meanwhile.",
+    )
+    predict: BatchingSettings
+    batch_predict: BatchingSettings
+    timeout_s: float = Field(gt=0)
+    max_concurrency: int = Field(ge=1)
+    limits: LimitSettings
+    tracing_excluded_urls: list[str] = Field(
+        description="URL patterns without OpenTelemetry spans (spans cost per request)."
+    )
+    logging: LoggingSettings
+    access_log: bool
+    auth: AuthSettings = AuthSettings()
+    gc_freeze_after_load: bool = Field(
+        True,
+        description="gc.freeze() once the model is loaded: the garbage collector's full passes "
+        "stop rescanning the objects that live as long as the worker (p99 under load).",
+    )
+    malloc_arena_max: int | None = Field(
+        None,
+        ge=1,
+        description="MALLOC_ARENA_MAX for the worker processes (glibc); None leaves glibc's default.",
+    )
+    image_base: str | None = Field(
+        None,
+        description="Container base image for `bentoml build` (python3 and uv inside); "
+        "None = BentoML's standard image for bentofile.yaml's python version.",
+    )
+
+
+def load_serving_settings(
+    path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> ServingSettings:
+    """Read the serving settings and apply ``FASHION_SERVE_SERVING__A__B=value`` overrides.
+
+    Args:
+        path: The YAML file; defaults to ``serving.yaml`` in the config folder.
+        environ: Environment to read overrides from; defaults to ``os.environ``.
+
+    Raises:
+        ServingConfigError: a missing or malformed file, or an unknown key or invalid value.
+    """
+    return load_settings_file(
+        ServingSettings,
+        "serving.yaml",
+        ENV_PREFIX,
+        path=path,
+        environ=os.environ if environ is None else environ,
+    )
