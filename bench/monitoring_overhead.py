@@ -10,7 +10,7 @@ server) spends is printed in microseconds per request:
   the stream plus the per-worker file sink, written line by line in the request
   (``flush_interval_s: 0``) or kept in memory for the batched writer (the default; the batch
   writes themselves happen on the writer thread once per interval and are not in the figure);
-* :func:`service.record_predictions` for requests of ``--images`` images: queue-time metric only,
+* :meth:`serving.telemetry.PredictionRecorder.record` for requests of ``--images`` images: queue-time metric only,
   plus the prediction-data lines, plus the drift window;
 * one recomputation of the drift gauge over a full window (every ``drift.every`` predictions).
 """
@@ -25,14 +25,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
 
 import numpy as np
 from loguru import logger
 
 import service
 from common.drift import DriftMonitor, build_reference
+from serving.schema import Exchange, Prediction
+from serving.telemetry import PredictionRecorder, configure_logging, flush_logs, service_metrics
 
 CLASSES = [f"class-{i}" for i in range(10)]
 
@@ -45,16 +45,16 @@ def per_call_us(action: Callable[[], object], calls: int, repeats: int = 3) -> f
         for _ in range(calls):
             action()
         best = min(best, time.perf_counter() - started)
-        service.flush_logs()  # batched lines are written outside the timed part
+        flush_logs()  # batched lines are written outside the timed part
     return best / calls * 1e6
 
 
-def predictions(count: int, rng: np.random.Generator) -> list[service.Prediction]:
+def predictions(count: int, rng: np.random.Generator) -> list[Prediction]:
     probabilities = rng.dirichlet(np.full(10, 0.3), size=count)
     made = []
     for row in probabilities.tolist():
         class_id = int(np.argmax(row))
-        prediction = service.Prediction(
+        prediction = Prediction(
             label=CLASSES[class_id],
             class_id=class_id,
             confidence=row[class_id],
@@ -85,11 +85,11 @@ def sinks(
         }
     )
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-        service.configure_logging(settings)
+        configure_logging(settings)
         try:
             yield
         finally:
-            service.flush_logs()
+            flush_logs()
             logger.remove()
 
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         "random",
         2000,
     )
-    metrics = service.service_metrics()
+    metrics = service_metrics()
     # Rows are printed at the end: stdout is /dev/null while the stream sink is configured.
     rows = [f"µs per request in the calling thread (best of 3 × {args.requests}):"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,20 +143,20 @@ def main(argv: list[str] | None = None) -> None:
         with sinks(folder, "none", True):
             for count in args.images:
                 pixels = rng.integers(0, 256, size=(count, 1, 28, 28)).astype(np.float32)
-                exchange = service.Exchange("r" * 32, "/batch_predict", pixels, [(28, 28)] * count)
+                exchange = Exchange("r" * 32, "/batch_predict", pixels, [(28, 28)] * count)
                 exchange.predictions = predictions(count, rng)
                 for label, data, with_drift in (
                     ("queue metric only", False, False),
                     ("+ prediction-data lines", True, False),
                     ("+ prediction-data lines + drift window", True, True),
                 ):
-                    runtime = SimpleNamespace(
-                        metrics=metrics,
+                    recorder = PredictionRecorder(
+                        metrics,
                         prediction_data=data,
                         drift=DriftMonitor(reference, drift_settings) if with_drift else None,
                     )
                     cost = per_call_us(
-                        functools.partial(service.record_predictions, exchange, cast(Any, runtime)),
+                        functools.partial(recorder.record, exchange),
                         max(1, args.requests // count),
                     )
                     rows.append(

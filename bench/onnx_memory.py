@@ -6,7 +6,7 @@ Adaptive batching hands the model batches of every size from 1 to ``max_batch_si
 is a new input shape. With ``enable_mem_pattern`` ONNX Runtime plans and keeps one memory layout
 per shape, so a worker grows for as long as new sizes turn up (minutes under load). For each
 setting of ``onnx_memory_pattern`` this runs, in a fresh process, the session the service would
-build (:func:`service.onnx_session_options`): one warm-up batch of ``--max-batch`` images, then
+build (:func:`onnx_session_options`): one warm-up batch of ``--max-batch`` images, then
 ``--batches`` batches of random sizes, printing the process RSS after the warm-up and at the
 end. The model time per image at batch 1, 8 and 64 is then measured for both settings in one
 process, alternating (best of 5 rounds), so machine noise hits both alike.
@@ -29,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bench import serving
+from serving.runtime import onnx_session_options
 
 SPEED_BATCHES = (1, 8, 64)
 
@@ -50,7 +51,7 @@ def session(onnx_path: Path, pattern: bool) -> Any:
     settings = service.SETTINGS.model_copy(update={"onnx_memory_pattern": pattern})
     return ort.InferenceSession(
         str(onnx_path),
-        sess_options=service.onnx_session_options(settings),
+        sess_options=onnx_session_options(settings),
         providers=["CPUExecutionProvider"],
     )
 

@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.runtime import ModelRuntime
+from serving.telemetry import REQUEST_LOG
+
 #: Phases of a request, matched against ``file:function`` of every profiled function; the first
 #: match wins, and a function's *own* time is counted (so nothing is counted twice).
 PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -191,11 +194,11 @@ def phase_table(stats: pstats.Stats, requests: int) -> list[tuple[str, float]]:
 
 
 def served_runtime(service: Any) -> Any:
-    """The served model's :class:`service.ModelRuntime`, with the service's session settings."""
+    """The served model's :class:`ModelRuntime`, with the service's session settings."""
     import bentoml
 
     stored = bentoml.models.get(service.SETTINGS.model_tag)
-    return service.ModelRuntime.from_bento_model(stored, service.SETTINGS)
+    return ModelRuntime.from_bento_model(stored, service.SETTINGS)
 
 
 def model_cpu_ms(service: Any, calls: int = 300) -> float:
@@ -269,7 +272,7 @@ def operation_costs(service: Any, image: bytes, batch: float, calls: int = 3000)
     }
 
     def request_log() -> None:  # what the gate writes after each response
-        service.REQUEST_LOG.write("/predict 200 ok", dict(fields))
+        REQUEST_LOG.write("/predict 200 ok", dict(fields))
 
     runtime = served_runtime(service)
     one, many = runtime.blank(1), runtime.blank(max(1, round(batch)))

@@ -125,7 +125,7 @@ async def send_error(
     await send_json(send, error.status, body, headers)
 
 
-_PLAIN_ERRORS = {404: "not_found", 405: "method_not_allowed"}
+PLAIN_ERRORS = {404: "not_found", 405: "method_not_allowed"}
 
 
 def json_not_found(scope: Scope, send: Send) -> Send:
@@ -133,7 +133,7 @@ def json_not_found(scope: Scope, send: Send) -> Send:
     replaced: dict[str, Any] = {}
 
     async def send_json_errors(message: Message) -> None:
-        if message["type"] == "http.response.start" and message["status"] in _PLAIN_ERRORS:
+        if message["type"] == "http.response.start" and message["status"] in PLAIN_ERRORS:
             content_type = dict(message.get("headers", [])).get(b"content-type", b"")
             if not content_type.startswith(b"application/json"):
                 replaced["start"] = message
@@ -148,7 +148,7 @@ def json_not_found(scope: Scope, send: Send) -> Send:
             ]
             error = BadInputError(
                 status,
-                _PLAIN_ERRORS[status],
+                PLAIN_ERRORS[status],
                 f"{scope['method']} {scope['path']}: "
                 + ("no such route" if status == 404 else "method not allowed"),
             )
@@ -190,6 +190,15 @@ class UploadGate:
             )
         return path
 
+    def _report_after_startup(self, scope: Scope, send: Send) -> Send:
+        # After start-up the service instance exists and logging is configured.
+        async def send_and_report(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                self.report_request_path(scope)
+            await send(message)
+
+        return send_and_report
+
     async def answer(
         self, call: ApiCall, exchange: Exchange, single: bool, send: Send
     ) -> BadInputError | None:
@@ -216,7 +225,8 @@ class UploadGate:
         Without a direct call (see :func:`find_api_call`) the pixels go to BentoML's endpoint.
         """
         if scope["type"] == "lifespan":
-            self.report_request_path(scope)
+            await self.app(scope, receive, self._report_after_startup(scope, send))
+            return
         route = ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
         if route is None or scope["method"] != "POST":
             if scope["type"] == "http":

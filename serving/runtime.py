@@ -206,10 +206,9 @@ class ModelRuntime:
     async def predict_async(self, pixels: NDArray[np.float32]) -> list[Prediction]:
         """:meth:`predict` inline for small batches, in a worker thread for large ones.
 
-        A thread hop costs a GIL hand-over and a loop wake-up each way (measured: the largest
-        item of a single request's server time after BentoML itself, see docs/performance.md);
-        a small model call is cheaper than that. A large batch runs in the thread, where the
-        model releases the GIL and the event loop goes on parsing the next requests.
+        A thread hop costs a GIL hand-over and a loop wake-up each way, more than a small model
+        call; a large batch runs in the thread, where the model releases the GIL and the event
+        loop goes on parsing the next requests.
         """
         if len(pixels) <= self.inline_max:
             return self.predict(pixels)

@@ -267,12 +267,11 @@ atexit.register(LINES.flush)
 class RequestLog:
     """The gate's per-request JSON line, formatted once and handed to the service's own sinks.
 
-    Through loguru the line cost a bound logger, a record (frame lookup, level, time) and every
-    handler's filter: ``python -m bench.profile_request --costs`` timed it as the largest
-    per-request item after the model and the PNG decode. When the stream and the file sink are
-    ones this module configured (the file batched, or off) the line skips loguru and is built by
-    :func:`format_json_line`, as loguru records are; otherwise (a line-by-line file) it is an
-    ordinary loguru record. Sinks added elsewhere with ``logger.add`` do not see direct lines.
+    Through loguru each line costs a bound logger, a record and every handler's filter. When the
+    stream and the file sink are ones this module configured (the file batched, or off) the line
+    skips loguru and is built by :func:`format_json_line`, as loguru records are; otherwise (a
+    line-by-line file) it is an ordinary loguru record. Sinks added elsewhere with
+    ``logger.add`` do not see direct lines.
     """
 
     LOGGER = "fashion_serve.request"

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-import service
 from bench import loadgen, serving, suite, training
+from serving.uploads import parse_multipart, select_files
 
 
 def test_parse_scenarios() -> None:
@@ -42,8 +42,8 @@ def test_bodies_pass_the_service_parser(tmp_path: Path) -> None:
     bodies = serving.write_bodies(tmp_path, scenario, images)
     assert bodies.count == 2
     for body in loadgen.read_bodies(tmp_path, bodies.count):
-        parts = service.parse_multipart(body, bodies.content_type, "images")
-        assert len(service.select_files(parts, "images", False, 64)) == 3
+        parts = parse_multipart(body, bodies.content_type, "images")
+        assert len(select_files(parts, "images", False, 64)) == 3
         assert all(part.data.startswith(b"\x89PNG") for part in parts)
 
 

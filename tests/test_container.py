@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -293,11 +294,23 @@ def test_wait_ready_stops_when_the_container_dies() -> None:
 
 def test_service_image_is_standard_unless_a_base_is_set() -> None:
     """``image_base`` unset: BentoML's standard image (None); set: that base, no distro layer."""
-    import service
+    code = (
+        "import service; image = service.Classifier.image; "
+        "print(None if image is None else (image.base_image, image.distro, image.commands))"
+    )
 
-    standard = service.SETTINGS.model_copy(update={"image_base": None})
-    assert service.service_image(standard) is None
-    offline = service.SETTINGS.model_copy(update={"image_base": "localhost/base:1"})
-    image = service.service_image(offline)
-    assert image is not None
-    assert (image.base_image, image.distro, image.commands) == ("localhost/base:1", "none", [])
+    def image_of(base: str) -> str:
+        env = {**os.environ, "FASHION_SERVE_SERVING__IMAGE_BASE": base}
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=Path(__file__).resolve().parent.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.strip().splitlines()[-1]
+
+    assert image_of("") == "None"
+    assert image_of("localhost/base:1") == "('localhost/base:1', 'none', [])"

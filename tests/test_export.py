@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from numpy.typing import NDArray
 from torch import nn
 
+from common.model_format import ONNX_FILE
 from common.preprocess import PreprocessSpec, to_model_input
 from tests.conftest import MakeSettings
 from train import export, tracking
@@ -108,7 +109,7 @@ def test_import_stores_onnx_metadata_and_lineage(tmp_path: Path) -> None:
     tag = import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
     (stored,) = stored_models(tmp_path)
     assert stored.tag == tag
-    assert Path(stored.path_of(export.ONNX_FILE)).is_file()
+    assert Path(stored.path_of(ONNX_FILE)).is_file()
     assert stored.info.labels == {
         "registered_model": "fashion-classifier",
         "registered_version": "7",
@@ -120,7 +121,7 @@ def test_import_stores_onnx_metadata_and_lineage(tmp_path: Path) -> None:
     assert PreprocessSpec.model_validate(metadata["preprocess"]) == SPEC
     assert metadata["lineage"]["metrics"] == {"val_accuracy": 0.91}
     assert metadata["onnx"]["parity_max_abs_diff"] <= 1e-4
-    served = onnx_logits(Path(stored.path_of(export.ONNX_FILE)), pixel_batch())
+    served = onnx_logits(Path(stored.path_of(ONNX_FILE)), pixel_batch())
     assert served.shape == (8, len(CLASSES))
 
 
@@ -272,7 +273,7 @@ def test_reference_is_stored_with_the_model_and_can_be_added_later(
         "accuracy": reference.accuracy,
     }
     # The reference is the ONNX model's own view of the validation images.
-    expected = onnx_logits(Path(stored.path_of(export.ONNX_FILE)), data.pixels).argmax(axis=1)
+    expected = onnx_logits(Path(stored.path_of(ONNX_FILE)), data.pixels).argmax(axis=1)
     counts = np.bincount(expected, minlength=10) / 10
     assert list(reference.class_mix.values()) == pytest.approx(counts.tolist(), abs=1e-5)
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from common import drift
 from common.alerts import AlertSettings, duration_seconds, load_alert_settings
 from common.drift import (
     DriftMonitor,
@@ -80,7 +81,7 @@ def predictions_like(
     return [
         {
             "time": start + timedelta(seconds=i),
-            **monitoring.prediction_record(
+            **drift.prediction_record(
                 request_id=f"r{i}",
                 endpoint="/predict",
                 label=CLASSES[int(row.argmax())],
@@ -132,7 +133,7 @@ def test_reference_round_trip(reference: Reference, tmp_path: Path) -> None:
         "c": pytest.approx(1 / 3, abs=1e-5),
     }
     assert reference.accuracy == 1.0
-    assert set(reference.samples) == set(monitoring.NUMERIC_FEATURES)
+    assert set(reference.samples) == set(drift.NUMERIC_FEATURES)
     assert all(len(values) == 500 for values in reference.samples.values())
     assert 0.05 < np.mean(reference.samples["brightness"]) < 0.1
     assert Reference.load(reference.save(tmp_path / "r.json")) == reference
@@ -151,7 +152,7 @@ def test_psi_and_ks() -> None:
 def test_drift_settings_need_increasing_bins(settings: AlertSettings) -> None:
     bad = settings.drift.model_dump() | {"bins": {"confidence": [0, 1], "margin": [0, 1]}}
     with pytest.raises(ValueError, match=r"bins\.confidence"):
-        monitoring.DriftSettings.model_validate(bad)
+        drift.DriftSettings.model_validate(bad)
 
 
 def test_drift_monitor_adds_one_or_many(reference: Reference, settings: AlertSettings) -> None:
@@ -418,12 +419,14 @@ def test_cli_module_runs_without_torch(tmp_path: Path) -> None:
 
 
 def test_worker_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bentoml._internal.context import server_context
+    import bentoml
 
-    monkeypatch.setattr(server_context, "worker_index", None)
-    assert monitoring.worker_name().startswith("pid-")
-    monkeypatch.setattr(server_context, "worker_index", 3)
-    assert monitoring.worker_name() == "worker-3"
+    from serving.telemetry import worker_name
+
+    monkeypatch.setattr(bentoml.server_context, "worker_index", None)
+    assert worker_name().startswith("pid-")
+    monkeypatch.setattr(bentoml.server_context, "worker_index", 3)
+    assert worker_name() == "worker-3"
 
 
 def test_prediction_lines_follow_the_record_schema() -> None:
@@ -431,11 +434,11 @@ def test_prediction_lines_follow_the_record_schema() -> None:
         ("T-shirt/top", 0, 0.912345678, 0.5, 0.25, (28, 28)),
         ('say "hi"', 3, 1.0, 0.0, 1.0, (640, 480)),
     ]
-    text = monitoring.prediction_lines("2026-01-01T12:00:00+00:00", "abc", "/batch_predict", rows)
+    text = drift.prediction_lines("2026-01-01T12:00:00+00:00", "abc", "/batch_predict", rows)
     parsed = [json.loads(line) for line in text.split("\n")]
     expected = [
         {"time": "2026-01-01T12:00:00+00:00"}
-        | monitoring.prediction_record(
+        | drift.prediction_record(
             request_id="abc",
             endpoint="/batch_predict",
             label=label,

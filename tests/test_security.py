@@ -1,6 +1,6 @@
 """Security settings: the optional API key, the request timeout and ``make mlflow``'s binding.
 
-The API key is tested twice: :class:`service.ApiKeyGuard` and :class:`service.UploadGate` on
+The API key is tested twice: :class:`ApiKeyGuard` and :class:`UploadGate` on
 their own (fast), and a real ``bentoml serve`` with ``auth.enabled`` (401 without or with a wrong
 key, 200 with it, health open, metrics protected, and the key never in the log). URLs and paths in
 text fields are covered by ``tests/test_hostile_inputs.py`` (a loopback listener must see no
@@ -26,6 +26,9 @@ import httpx
 import pytest
 
 import service
+from serving.gate import ApiKeyGuard, UploadGate
+from serving.schema import BadInputError
+from serving.settings import AuthSettings, ServingConfigError, load_serving_settings
 from tests.serving_helpers import (
     ROOT,
     TINY_CLASSES,
@@ -40,15 +43,15 @@ from tests.test_hostile_inputs import files, noise, png
 KEY_ENV = "FASHION_SERVE_TEST_KEY"
 
 
-def guard(environ: dict[str, str] | None = None, **auth: Any) -> service.ApiKeyGuard:
-    settings = service.AuthSettings(**{"enabled": True, "key_env": KEY_ENV, **auth})
-    return service.ApiKeyGuard(settings, environ if environ is not None else {KEY_ENV: "k" * 20})
+def guard(environ: dict[str, str] | None = None, **auth: Any) -> ApiKeyGuard:
+    settings = AuthSettings(**{"enabled": True, "key_env": KEY_ENV, **auth})
+    return ApiKeyGuard(settings, environ if environ is not None else {KEY_ENV: "k" * 20})
 
 
-def refused(check: service.ApiKeyGuard, path: str, headers: dict[bytes, bytes]) -> bool:
+def refused(check: ApiKeyGuard, path: str, headers: dict[bytes, bytes]) -> bool:
     try:
         check.check(path, headers)
-    except service.BadInputError as exc:
+    except BadInputError as exc:
         assert (exc.status, exc.kind) == (401, "unauthorized")
         assert "k" * 20 not in str(exc)
         return True
@@ -59,17 +62,17 @@ def refused(check: service.ApiKeyGuard, path: str, headers: dict[bytes, bytes]) 
 
 
 def test_auth_is_off_by_default() -> None:
-    default = service.load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
+    default = load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
     assert default.auth.enabled is False
-    off = service.ApiKeyGuard(default.auth, {})
+    off = ApiKeyGuard(default.auth, {})
     assert not off.protects("/predict")
     assert not refused(off, "/predict", {})
 
 
 def test_enabled_auth_needs_a_long_enough_key_and_never_shows_it() -> None:
-    with pytest.raises(service.ServingConfigError, match=KEY_ENV):
+    with pytest.raises(ServingConfigError, match=KEY_ENV):
         guard({})
-    with pytest.raises(service.ServingConfigError, match="min_key_length") as caught:
+    with pytest.raises(ServingConfigError, match="min_key_length") as caught:
         guard({KEY_ENV: "short-secret"})
     assert "short-secret" not in str(caught.value)
 
@@ -105,7 +108,7 @@ def test_gate_answers_401_json_on_a_protected_non_api_route() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    gate = service.UploadGate(app, guard=guard(protect_metrics=True))
+    gate = UploadGate(app, guard=guard(protect_metrics=True))
 
     def call(path: str, headers: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
         sent: list[dict[str, Any]] = []
@@ -130,7 +133,7 @@ def test_gate_answers_401_json_on_a_protected_non_api_route() -> None:
 
 
 def test_request_timeout_and_limits_come_from_the_config() -> None:
-    settings = service.load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
+    settings = load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
     config: dict[str, Any] = service.Classifier.config  # type: ignore[attr-defined]
     assert config["traffic"]["timeout"] == settings.timeout_s > 0
     assert config["traffic"]["max_concurrency"] == settings.max_concurrency
@@ -142,7 +145,7 @@ def test_request_timeout_and_limits_come_from_the_config() -> None:
 
 def test_the_only_model_is_the_configured_tag_from_the_bentoml_store() -> None:
     """No endpoint or setting loads a model from elsewhere (a path, a URL, a pickle)."""
-    settings = service.load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
+    settings = load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
     models = service.Classifier.models  # type: ignore[attr-defined]
     name, _, version = settings.model_tag.partition(":")
     assert [(type(m).__name__, m.tag.name) for m in models] == [("BentoModel", name)]

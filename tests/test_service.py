@@ -8,7 +8,6 @@ store under a temporary folder. The in-process app and the served process both s
 from __future__ import annotations
 
 import asyncio
-import functools
 import io
 import json
 import os
@@ -22,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import bentoml
 import httpx
@@ -39,9 +38,28 @@ from starlette.testclient import TestClient
 
 import service
 from common.preprocess import prepare_image, softmax, to_model_input
+from serving import gate, telemetry
+from serving import runtime as runtime_module
+from serving.gate import UploadGate
+from serving.runtime import ModelRuntime, onnx_session_options
+from serving.schema import (
+    DECODE_STATUS,
+    BadInputError,
+    BatchPredictInput,
+    Exchange,
+    PredictInput,
+    Prediction,
+)
+from serving.settings import (
+    BatchingSettings,
+    LoggingSettings,
+    ServingConfigError,
+    load_serving_settings,
+)
+from serving.telemetry import LINES, REQUEST_LOG, PredictionRecorder, configure_logging, flush_logs
+from serving.uploads import Upload, parse_multipart, read_body, select_files
 from tests import serving_helpers
 from tests.serving_helpers import bentoml_serve
-from train.monitoring import LoggingSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = serving_helpers.TINY_CLASSES
@@ -121,7 +139,7 @@ def restore_logging() -> Iterator[None]:
     root.handlers[:] = handlers
     root.setLevel(level)
     # Lines still held for the service's files go there now, not to this stderr sink at exit.
-    service.LINES.reset()
+    LINES.reset()
     logger.remove()
     logger.add(sys.stderr)
 
@@ -156,7 +174,7 @@ def svc(bento_home: Path) -> Any:
 def inprocess(bento_home: Path) -> Iterator[Any]:
     """The whole BentoML app (middlewares, batching) in this process, with the test limits."""
     with TestClient(CLASSIFIER.to_asgi()) as client:
-        runtime: service.ModelRuntime = bentoml.get_current_service().runtime
+        runtime: ModelRuntime = bentoml.get_current_service().runtime
         runtime.limits = runtime.limits.model_copy(update=LIMITS)
         yield client
 
@@ -454,7 +472,7 @@ def test_gate_calls_the_api_without_bentomls_request_path(
     def not_on_the_path(cls: Any, request: Any, serde: Any) -> Any:
         raise AssertionError("BentoML's endpoint parsed a request the gate had answered")
 
-    for descriptor in (service.PredictInput, service.BatchPredictInput):
+    for descriptor in (PredictInput, BatchPredictInput):
         monkeypatch.setattr(descriptor, "from_http_request", classmethod(not_on_the_path))
     response = inprocess.post("/predict", **one("image", PNG))
     assert response.status_code == 200, response.text
@@ -469,46 +487,12 @@ def test_gate_falls_back_to_bentomls_endpoint(
     """Without a direct call (another BentoML layout) the full endpoint gives the same answers."""
     direct = inprocess.post("/predict", **one("image", PNG)).json()
     direct_batch = inprocess.post("/batch_predict", files=[("images", ("a", JPEG, "image/jpeg"))])
-    monkeypatch.setattr(service.UploadGate, "api_call", lambda self, scope, endpoint: None)
+    monkeypatch.setattr(UploadGate, "api_call", lambda self, scope, endpoint: None)
     fallback = inprocess.post("/predict", **one("image", PNG))
     assert fallback.status_code == 200, fallback.text
     assert fallback.json() == direct
     batch = inprocess.post("/batch_predict", files=[("images", ("a", JPEG, "image/jpeg"))])
     assert batch.json() == direct_batch.json()
-
-
-def test_find_api_call_in_bentomls_app(bento_home: Path) -> None:
-    app = CLASSIFIER.to_asgi()
-    assert service.find_api_call(app, "predict") is not None
-    assert service.find_api_call(app, "batch_predict") is not None
-    assert service.find_api_call(app, "livez") is None
-    assert service.find_api_call(object(), "predict") is None
-
-
-def test_find_api_call_without_batching_calls_the_method() -> None:
-    """A non-batchable API (batching off) is called directly, as BentoML's endpoint would."""
-
-    class Method:
-        async def local(self, pixels: NDArray[np.float32]) -> list[Any]:
-            return [len(pixels)]
-
-    class Factory:
-        dispatchers: ClassVar[dict[str, Any]] = {}
-        _service_instance = type("Instance", (), {"predict": Method()})()
-
-        async def api_endpoint_wrapper(self, name: str, request: Any) -> None:
-            raise AssertionError("not called")
-
-    route = type("Route", (), {})()
-    route.name, route.endpoint = (
-        "predict",
-        functools.partial(Factory().api_endpoint_wrapper, "predict"),
-    )
-    app = type("App", (), {"routes": [route]})()
-    call = service.find_api_call(app, "predict")
-    assert call is not None
-    answered: list[Any] = list(asyncio.run(call(np.zeros((3, 1, 2, 2), np.float32))))
-    assert answered == [3]
 
 
 @pytest.mark.parametrize(
@@ -528,10 +512,10 @@ def test_gate_answers_model_call_failures_as_json(
     kind: str,
     hidden: str | None,
 ) -> None:
-    async def failing(pixels: NDArray[np.float32]) -> list[service.Prediction]:
+    async def failing(pixels: NDArray[np.float32]) -> list[Prediction]:
         raise raised
 
-    monkeypatch.setattr(service.UploadGate, "api_call", lambda self, scope, endpoint: failing)
+    monkeypatch.setattr(UploadGate, "api_call", lambda self, scope, endpoint: failing)
     response = inprocess.post("/predict", **one("image", PNG))
     assert response.status_code == status
     assert response.json()["kind"] == kind
@@ -573,6 +557,8 @@ def test_health_docs_and_metrics(http: httpx.Client) -> None:
     assert re.search(
         r'fashion_serve_errors_total\{endpoint="/predict",kind="empty"\} [1-9]', metrics
     )
+    assert metric(metrics, "fashion_serve_request_path", 'path="direct"') == 1
+    assert metric(metrics, "fashion_serve_request_path", 'path="endpoint"') == 0
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
@@ -660,7 +646,7 @@ def test_bentoml_clients(served: Served, tmp_path: Path) -> None:
 
 def test_service_methods_directly(svc: Any, tiny_model: torch.nn.Module) -> None:
     images = [PNG, JPEG, image_bytes((40, 30), "RGBA", seed=2)]
-    files = [service.Upload("images", f"{i}", data) for i, data in enumerate(images)]
+    files = [Upload("images", f"{i}", data) for i, data in enumerate(images)]
     pixels = svc.runtime.prepare(files, "images")
     assert pixels.shape == (3, 1, 28, 28)
     batch = asyncio.run(svc.batch_predict(pixels))
@@ -670,7 +656,7 @@ def test_service_methods_directly(svc: Any, tiny_model: torch.nn.Module) -> None
     ).tolist()
     # Compared by content: the private batch start time differs between the two calls.
     assert [p.model_dump() for p in single] == [p.model_dump() for p in batch[:1]]
-    assert all(isinstance(p, service.Prediction) for p in batch)
+    assert all(isinstance(p, Prediction) for p in batch)
     assert svc.runtime.class_names == CLASSES
 
 
@@ -694,7 +680,7 @@ def test_worker_freezes_the_heap_after_loading_the_model(
 def test_small_batches_run_inline_large_ones_in_a_thread(
     svc: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runtime: service.ModelRuntime = svc.runtime
+    runtime: ModelRuntime = svc.runtime
     pixels = runtime.blank(3)
     threads: list[str] = []
     real = runtime.logits
@@ -722,7 +708,7 @@ def test_torch_backend_matches_onnx(
     )
     threads = torch.get_num_threads()
     try:
-        torch_runtime = service.ModelRuntime.from_bento_model(stored, settings)
+        torch_runtime = ModelRuntime.from_bento_model(stored, settings)
     finally:  # the backend sets torch's thread count for the process; later tests keep theirs
         torch.set_num_threads(threads)
     assert torch_runtime.backend == "torch"
@@ -730,16 +716,16 @@ def test_torch_backend_matches_onnx(
     onnx_scores = [p.scores for p in svc.runtime.predict(pixels)]
     for got, want in zip(torch_runtime.predict(pixels), onnx_scores, strict=True):
         assert got.scores == pytest.approx(want, abs=1e-5)
-    with pytest.raises(service.ServingConfigError, match="torch_model_path"):
-        service.ModelRuntime.from_bento_model(
+    with pytest.raises(ServingConfigError, match="torch_model_path"):
+        ModelRuntime.from_bento_model(
             stored, settings.model_copy(update={"torch_model_path": None})
         )
 
 
 def test_prepare_names_the_file(svc: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(service.BadInputError, match=r"images\[1\] \(b.png\)") as caught:
+    with pytest.raises(BadInputError, match=r"images\[1\] \(b.png\)") as caught:
         svc.runtime.prepare(
-            [service.Upload("images", "a.png", PNG), service.Upload("images", "b.png", b"xx")],
+            [Upload("images", "a.png", PNG), Upload("images", "b.png", b"xx")],
             "images",
         )
     assert caught.value.status == 415
@@ -747,15 +733,15 @@ def test_prepare_names_the_file(svc: Any, monkeypatch: pytest.MonkeyPatch) -> No
     def cannot_convert(*args: Any) -> None:
         raise ValueError("odd mode")
 
-    monkeypatch.setattr(service, "prepare_image", cannot_convert)
-    with pytest.raises(service.BadInputError, match="cannot convert") as caught:
-        svc.runtime.prepare([service.Upload("image", None, PNG)], "image")
+    monkeypatch.setattr(runtime_module, "prepare_image", cannot_convert)
+    with pytest.raises(BadInputError, match="cannot convert") as caught:
+        svc.runtime.prepare([Upload("image", None, PNG)], "image")
     assert (caught.value.status, caught.value.kind) == (422, "unconvertible")
 
 
 def test_input_spec_needs_the_gate() -> None:
     with pytest.raises(InvalidArgument):
-        asyncio.run(service.PredictInput.from_http_request(None, None))
+        asyncio.run(PredictInput.from_http_request(None, None))
 
 
 def test_read_body_limits() -> None:
@@ -769,7 +755,7 @@ def test_read_body_limits() -> None:
 
     chunk = {"type": "http.request", "body": b"12345", "more_body": True}
     last = {"type": "http.request", "body": b"6", "more_body": False}
-    assert asyncio.run(service.read_body(receiver(chunk, last), {}, 6)) == b"123456"
+    assert asyncio.run(read_body(receiver(chunk, last), {}, 6)) == b"123456"
     cases = [
         (receiver(chunk, chunk), {}, "upload_too_large"),
         (receiver(), {b"content-length": b"99"}, "upload_too_large"),
@@ -777,8 +763,8 @@ def test_read_body_limits() -> None:
         (receiver({"type": "http.disconnect"}), {}, "incomplete_body"),
     ]
     for receive, headers, kind in cases:
-        with pytest.raises(service.BadInputError) as caught:
-            asyncio.run(service.read_body(receive, headers, 6))
+        with pytest.raises(BadInputError) as caught:
+            asyncio.run(read_body(receive, headers, 6))
         assert caught.value.kind == kind
 
 
@@ -789,12 +775,12 @@ def test_multipart_parts_keep_names_and_filenames() -> None:
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename=""\r\n\r\n'
         f"\r\n--{BOUNDARY}--\r\n"
     ).encode()
-    parts = service.parse_multipart(body, MULTIPART, "images")
+    parts = parse_multipart(body, MULTIPART, "images")
     assert parts == [
-        service.Upload("images", "a.png", b"AAA"),
-        service.Upload("images", "", b""),
+        Upload("images", "a.png", b"AAA"),
+        Upload("images", "", b""),
     ]
-    assert service.select_files(parts, "images", single=False, max_images=2) == parts
+    assert select_files(parts, "images", single=False, max_images=2) == parts
 
 
 # --------------------------------------------------------------------------- settings and logs
@@ -826,14 +812,14 @@ def test_malloc_arena_cap_reaches_the_worker_environment(
 
 
 def test_settings_file_and_env_overrides(tmp_path: Path) -> None:
-    default = service.load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
+    default = load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
     assert default.model_tag == "fashion-classifier:latest"
     env = {
         "FASHION_SERVE_SERVING__PREDICT__MAX_BATCH_SIZE": "8",
         "FASHION_SERVE_SERVING__MODEL_TAG": "other:v1",
         "UNRELATED": "x",
     }
-    custom = service.load_serving_settings(ROOT / "configs" / "serving.yaml", environ=env)
+    custom = load_serving_settings(ROOT / "configs" / "serving.yaml", environ=env)
     assert (custom.predict.max_batch_size, custom.model_tag) == (8, "other:v1")
     assert custom.batch_predict == default.batch_predict
 
@@ -855,33 +841,33 @@ def test_settings_file_and_env_overrides(tmp_path: Path) -> None:
         (ROOT / "configs" / "serving.yaml", {"FASHION_SERVE_SERVING__WORKERS": "[1"}, "YAML"),
     ]
     for path, environ, message in problems:
-        with pytest.raises(service.ServingConfigError, match=message):
-            service.load_serving_settings(path, environ=environ)
+        with pytest.raises(ServingConfigError, match=message):
+            load_serving_settings(path, environ=environ)
 
 
 def test_onnx_memory_pattern_is_off_unless_configured() -> None:
     """Per-shape memory plans grow with every new batch size; the default turns them off."""
     config = ROOT / "configs" / "serving.yaml"
-    default = service.load_serving_settings(config, environ={})
-    assert service.onnx_session_options(default).enable_mem_pattern is False
-    assert (
-        default.onnx_intra_op_threads == service.onnx_session_options(default).intra_op_num_threads
-    )
-    turned_on = service.load_serving_settings(
+    default = load_serving_settings(config, environ={})
+    assert onnx_session_options(default).enable_mem_pattern is False
+    assert default.onnx_intra_op_threads == onnx_session_options(default).intra_op_num_threads
+    turned_on = load_serving_settings(
         config, environ={"FASHION_SERVE_SERVING__ONNX_MEMORY_PATTERN": "true"}
     )
-    assert service.onnx_session_options(turned_on).enable_mem_pattern is True
+    assert onnx_session_options(turned_on).enable_mem_pattern is True
 
 
 def test_config_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "serving.yaml").write_text("model_tag: elsewhere:1\n")
     monkeypatch.setenv("FASHION_SERVE_CONFIG_DIR", str(tmp_path))
-    assert service.serving_config_path() == tmp_path / "serving.yaml"
+    with pytest.raises(ServingConfigError, match=str(tmp_path / "serving.yaml")):
+        load_serving_settings()
 
 
 def test_stdlib_logging_becomes_json(capsys: pytest.CaptureFixture[str]) -> None:
     import logging
 
-    service.configure_logging(
+    configure_logging(
         service.SETTINGS.logging.model_copy(
             update={
                 "level": "INFO",
@@ -1016,9 +1002,10 @@ def test_openapi_file_matches_the_live_service(http: httpx.Client, tmp_path: Pat
 
 def test_api_reference_lists_every_error_kind() -> None:
     """Each (status, kind) the gate can answer has its row in docs/api.md's error table."""
-    source = (ROOT / "service.py").read_text()
+    source = "".join(path.read_text() for path in sorted((ROOT / "serving").glob("*.py")))
     raised = set(re.findall(r'BadInputError\(\s*(\d{3}),\s*"(\w+)"', source))
-    decoded = {(str(status), kind) for kind, status in service._DECODE_STATUS.items()}
+    raised |= {(str(status), kind) for status, kind in gate.PLAIN_ERRORS.items()}
+    decoded = {(str(status), kind) for kind, status in DECODE_STATUS.items()}
     assert len(raised) >= 10 and len(decoded) == 5
     reference = (ROOT / "docs" / "api.md").read_text()
     rows = set(re.findall(r"^\| (\d{3}) \| `(\w+)` \|", reference, flags=re.M))
@@ -1032,41 +1019,43 @@ def test_prediction_data_and_drift_gauge(svc: Any, log_files: Path) -> None:
     """Each image gets a prediction-data line; a shifted window moves the PSI gauge."""
     import prometheus_client
 
-    from train.monitoring import DriftMonitor, build_reference
+    from common.drift import DriftMonitor, build_reference
 
-    runtime: service.ModelRuntime = svc.runtime
+    runtime: ModelRuntime = svc.runtime
+    recorder: PredictionRecorder = svc.recorder
     rng = np.random.default_rng(0)
     dark = rng.integers(0, 30, size=(300, 1, 28, 28)).astype(np.float32)
     probabilities = np.array([list(p.scores.values()) for p in runtime.predict(dark)])
     reference = build_reference(
         probabilities, np.zeros(300, dtype=np.int64), dark, CLASSES, {"28x28": 300}, "dark", 300
     )
-    uploads = [service.Upload("images", f"{i}.png", image_bytes(seed=i)) for i in range(8)]
+    uploads = [Upload("images", f"{i}.png", image_bytes(seed=i)) for i in range(8)]
     sizes: list[tuple[int, int]] = []
     pixels = runtime.prepare(uploads, "images", sizes)
     assert sizes == [(28, 28)] * 8
 
     def send(request_id: str, handed_after_batch: bool = False) -> float | None:
-        exchange = service.Exchange(request_id, "/batch_predict", pixels, sizes)
+        exchange = Exchange(request_id, "/batch_predict", pixels, sizes)
         exchange.predictions = runtime.predict(pixels)
         exchange.handed = exchange.predictions[0]._batch_started + (1 if handed_after_batch else 0)
-        return service.record_predictions(exchange, runtime)
+        queued = recorder.record(exchange)
+        return queued
 
-    runtime.drift = DriftMonitor(reference, service.ALERTS.drift)
+    recorder.drift = DriftMonitor(reference, service.ALERTS.drift)
     try:
         for i in range(service.ALERTS.rules.drift.min_predictions // 8 + 1):
             send(f"drift-{i}")
-        runtime.drift, runtime.prediction_data = None, False
+        recorder.drift, recorder.prediction_data = None, False
         assert send("unrecorded") == 0.0
         assert send("unrecorded", handed_after_batch=True) is None  # not a real queue time
     finally:
-        runtime.drift, runtime.prediction_data = None, True
+        recorder.drift, recorder.prediction_data = None, True
     brightness_psi = prometheus_client.REGISTRY.get_sample_value(
         "fashion_serve_drift_psi", {"feature": "brightness"}
     )
     assert brightness_psi is not None
     assert brightness_psi > service.ALERTS.rules.drift.psi_threshold
-    service.flush_logs()  # the file sinks get their lines in batches
+    flush_logs()  # the file sinks get their lines in batches
     lines = [
         json.loads(line)
         for path in log_files.glob("predictions.*.jsonl")
@@ -1107,11 +1096,11 @@ def test_log_files_rotate_and_are_read_back_whole(
     from train.monitoring import expand, request_entries
 
     settings = _file_logging(tmp_path, flush_interval_s, rotation="2 KB")
-    service.configure_logging(settings, worker="worker-7")
+    configure_logging(settings, worker="worker-7")
     for i in range(40):
         logger.bind(logger="fashion_serve.request", request_id=f"rot-{i}", status=200).info("x")
         if i % 8 == 7:
-            service.flush_logs()  # a batch per 8 lines when batched; a no-op line by line
+            flush_logs()  # a batch per 8 lines when batched; a no-op line by line
     files = expand([settings.file.pattern()])
     assert len(files) > 2 and all(f.name.startswith("service.worker-7.") for f in files)
     ids = sorted(int(e["request_id"].split("-")[1]) for e in request_entries(files))
@@ -1125,7 +1114,7 @@ def test_batched_log_lines_reach_the_file_from_the_writer_thread(
 ) -> None:
     """The request only keeps its line; the writer thread appends it within the interval."""
     settings = _file_logging(tmp_path, flush_interval_s=0.05)
-    service.configure_logging(settings, worker="worker-3")
+    configure_logging(settings, worker="worker-3")
     path = settings.file.for_worker("worker-3")
     logger.bind(logger="fashion_serve.request", request_id="batched-1", status=200).info("x")
     assert "batched-1" in capsys.readouterr().out  # the stream is written at once
@@ -1139,7 +1128,7 @@ def test_batched_log_lines_reach_the_file_from_the_writer_thread(
     ]
     # Reconfiguring (a new worker setup) writes what is still held before the sinks change.
     logger.bind(logger="fashion_serve.request", request_id="batched-2", status=200).info("x")
-    service.configure_logging(_file_logging(tmp_path, flush_interval_s=0.0), worker="worker-4")
+    configure_logging(_file_logging(tmp_path, flush_interval_s=0.0), worker="worker-4")
     assert "batched-2" in path.read_text()
 
 
@@ -1163,10 +1152,10 @@ def test_request_log_line_is_the_same_direct_and_through_loguru(
     lines: dict[float, tuple[str, str]] = {}
     for interval in (600.0, 0.0):
         settings = _file_logging(tmp_path / str(interval), flush_interval_s=interval)
-        service.configure_logging(settings, worker="worker-9")
-        assert service.REQUEST_LOG.direct is (interval > 0)
-        service.REQUEST_LOG.write("/predict 200 ok", dict(REQUEST_FIELDS))
-        service.flush_logs()
+        configure_logging(settings, worker="worker-9")
+        assert REQUEST_LOG.direct is (interval > 0)
+        REQUEST_LOG.write("/predict 200 ok", dict(REQUEST_FIELDS))
+        flush_logs()
         streamed = capsys.readouterr().out.strip()
         lines[interval] = (streamed, settings.file.for_worker("worker-9").read_text().strip())
     (direct, direct_file), (through, through_file) = lines[600.0], lines[0.0]
@@ -1184,16 +1173,16 @@ def test_request_log_direct_obeys_level_and_stream(
 ) -> None:
     """Above INFO nothing is written; with stream none only the file gets the line."""
     quiet = _file_logging(tmp_path / "quiet", 600.0).model_copy(update={"level": "WARNING"})
-    service.configure_logging(quiet, worker="worker-9")
-    service.REQUEST_LOG.write("/predict 200 ok", dict(REQUEST_FIELDS))
-    service.flush_logs()
+    configure_logging(quiet, worker="worker-9")
+    REQUEST_LOG.write("/predict 200 ok", dict(REQUEST_FIELDS))
+    flush_logs()
     assert capsys.readouterr().out == ""
     quiet_file = quiet.file.for_worker("worker-9")  # loguru creates it when the sink is added
     assert not quiet_file.exists() or quiet_file.read_text() == ""
     silent = _file_logging(tmp_path / "silent", 600.0).model_copy(update={"stream": "none"})
-    service.configure_logging(silent, worker="worker-9")
-    service.REQUEST_LOG.write("/predict 200 ok", dict(REQUEST_FIELDS))
-    service.flush_logs()
+    configure_logging(silent, worker="worker-9")
+    REQUEST_LOG.write("/predict 200 ok", dict(REQUEST_FIELDS))
+    flush_logs()
     assert capsys.readouterr().out == ""
     written = silent.file.for_worker("worker-9").read_text().splitlines()
     assert [json.loads(line)["request_id"] for line in written] == ["rl-1"]
@@ -1217,10 +1206,10 @@ def test_prediction_data_lines_by_line_and_batched(
             ),
         }
     )
-    service.configure_logging(settings, worker="worker-5")
-    runtime: service.ModelRuntime = svc.runtime
+    configure_logging(settings, worker="worker-5")
+    runtime: ModelRuntime = svc.runtime
     pixels = runtime.blank(2)
-    exchange = service.Exchange("pd-1", "/batch_predict", pixels, [(28, 28)] * 2)
+    exchange = Exchange("pd-1", "/batch_predict", pixels, [(28, 28)] * 2)
     exchange.predictions = runtime.predict(pixels)
     exchange.handed = exchange.predictions[0]._batch_started
     bound: list[dict[str, Any]] = []
@@ -1230,19 +1219,20 @@ def test_prediction_data_lines_by_line_and_batched(
             bound.append(extra)
             return logger.bind(**extra)
 
-    drift, runtime.drift = runtime.drift, None
-    monkeypatch.setattr(service, "logger", Spy())
+    recorder: PredictionRecorder = svc.recorder
+    drift, recorder.drift = recorder.drift, None
+    monkeypatch.setattr(telemetry, "logger", Spy())
     try:
-        service.record_predictions(exchange, runtime)
+        recorder.record(exchange)
     finally:
-        runtime.drift = drift
+        recorder.drift = drift
         monkeypatch.undo()
     assert bound == ([] if flush_interval_s > 0 else [{"prediction_data": True}])
-    assert service.LINES.add("log", "{}") is False  # the request log file is off here
+    assert LINES.add("log", "{}") is False  # the request log file is off here
     path = settings.predictions.for_worker("worker-5")
     held = not path.exists() or "pd-1" not in path.read_text()
     assert held is (flush_interval_s > 0)
-    service.flush_logs()
+    flush_logs()
     entries = [json.loads(line) for line in path.read_text().splitlines()]
     assert [e["request_id"] for e in entries] == ["pd-1", "pd-1"]
     assert [e["class_id"] for e in entries] == [p.class_id for p in exchange.predictions]
@@ -1258,8 +1248,8 @@ def test_serving_does_not_import_torch_or_mlflow(bento_home: Path) -> None:
 
 
 def test_batch_size_one_turns_batching_off() -> None:
-    off = service.BatchingSettings(max_batch_size=1, max_latency_ms=100)
-    assert service.batching(off) == {"batchable": False}
-    on = service.batching(service.SETTINGS.predict)
+    off = BatchingSettings(max_batch_size=1, max_latency_ms=100)
+    assert off.api_options() == {"batchable": False}
+    on = service.SETTINGS.predict.api_options()
     assert on["batchable"] is True
     assert on["max_batch_size"] == service.SETTINGS.predict.max_batch_size
