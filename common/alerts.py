@@ -6,7 +6,6 @@ Serving reads the drift part for its gauges; ``python -m train alerts`` / ``aler
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,15 +104,7 @@ class AlertSettings(_Strict):
 def load_alert_settings(
     path: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> AlertSettings:
-    """Read ``configs/alerts.yaml`` with ``FASHION_SERVE_ALERTS__A__B=value`` overrides.
-
-    Raises:
-        common.settings.SettingsError: a missing file, an unknown key or a bad value.
-    """
+    """``alerts.yaml`` (or ``path``) with ``FASHION_SERVE_ALERTS__A__B=value`` overrides."""
     return load_settings_file(
-        AlertSettings,
-        "alerts.yaml",
-        ALERTS_ENV_PREFIX,
-        path=path,
-        environ=os.environ if environ is None else environ,
+        AlertSettings, "alerts.yaml", ALERTS_ENV_PREFIX, path=path, environ=environ
     )

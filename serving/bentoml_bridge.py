@@ -107,32 +107,26 @@ class GateFedInput(bentoml.IODescriptor):  # type: ignore[misc]
         return cls.model_construct(**cls.from_gate())
 
 
-class JsonObjectOutput(bentoml.IODescriptor):  # type: ignore[misc]
+class _Rendered:
+    """``to_http_response`` hands the API's return value to the subclass's :meth:`render`."""
+
+    @classmethod
+    def render(cls, obj: Any) -> Any:
+        """The HTTP response for the API's return value."""
+        raise NotImplementedError
+
+    @classmethod
+    async def to_http_response(cls, obj: Any, serde: Any) -> Any:
+        """One complete response from :meth:`render`."""
+        return cls.render(obj)
+
+
+class JsonObjectOutput(_Rendered, bentoml.IODescriptor):  # type: ignore[misc]
     """An API output that is a JSON object; subclasses :meth:`render` the response (need 2)."""
 
-    @classmethod
-    def render(cls, obj: Any) -> Any:
-        """The HTTP response for the API's return value."""
-        raise NotImplementedError
 
-    @classmethod
-    async def to_http_response(cls, obj: Any, serde: Any) -> Any:
-        """One complete response from :meth:`render`."""
-        return cls.render(obj)
-
-
-class JsonArrayOutput(IORootModel[T], Generic[T]):  # type: ignore[misc]
+class JsonArrayOutput(_Rendered, IORootModel[T], Generic[T]):  # type: ignore[misc]
     """An API output that is a JSON array (needs 1 and 2); subclasses :meth:`render` it."""
-
-    @classmethod
-    def render(cls, obj: Any) -> Any:
-        """The HTTP response for the API's return value."""
-        raise NotImplementedError
-
-    @classmethod
-    async def to_http_response(cls, obj: Any, serde: Any) -> Any:
-        """One complete response from :meth:`render`."""
-        return cls.render(obj)
 
 
 # --------------------------------------------------------------------------- the direct call

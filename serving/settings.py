@@ -6,7 +6,6 @@ no BentoML, so training's ``alerts`` command, containers and benchmarks use it t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -178,19 +177,11 @@ class ServingSettings(_Strict):
 def load_serving_settings(
     path: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> ServingSettings:
-    """Read the serving settings and apply ``FASHION_SERVE_SERVING__A__B=value`` overrides.
-
-    Args:
-        path: The YAML file; defaults to ``serving.yaml`` in the config folder.
-        environ: Environment to read overrides from; defaults to ``os.environ``.
+    """``serving.yaml`` (or ``path``) with ``FASHION_SERVE_SERVING__A__B=value`` overrides.
 
     Raises:
         ServingConfigError: a missing or malformed file, or an unknown key or invalid value.
     """
     return load_settings_file(
-        ServingSettings,
-        "serving.yaml",
-        ENV_PREFIX,
-        path=path,
-        environ=os.environ if environ is None else environ,
+        ServingSettings, "serving.yaml", ENV_PREFIX, path=path, environ=environ
     )

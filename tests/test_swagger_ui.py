@@ -5,7 +5,7 @@ page at ``/`` lists both endpoints; ``/predict`` is expanded, "Try it out", a PN
 page's file input, "Execute", and the 200 response body shown on the page is a prediction naming
 one of the served model's classes. Screenshots of the page go to ``tmp_path``.
 
-By default the served model is the tiny one of ``tests/test_service.py`` (its fixtures are
+By default the served model is the tiny one of ``tests/serving_fixtures.py`` (its fixtures are
 shared, not copied). ``make screenshots`` sets these to refresh the committed images instead:
 
 ``SWAGGER_BENTOML_HOME``
@@ -40,10 +40,10 @@ from selenium.webdriver.support.wait import WebDriverWait
 
 import service
 from tests.conftest import fmnist_pattern
+from tests.serving_fixtures import bento_home as bento_home  # the shared fixture
+from tests.serving_fixtures import tiny_model as tiny_model  # bento_home needs it
+from tests.serving_helpers import TINY_CLASSES as CLASSES
 from tests.serving_helpers import bentoml_serve
-from tests.test_service import CLASSES
-from tests.test_service import bento_home as bento_home  # the shared fixture
-from tests.test_service import tiny_model as tiny_model  # bento_home needs it
 from train.config import ExportConfig
 from train.export import model_store
 
