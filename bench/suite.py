@@ -45,6 +45,7 @@ import numpy as np
 
 from bench import serving
 from bench.serving import BenchError, Row, Scenario
+from serving.launch import default_store_home, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DOCS = PROJECT_ROOT / "docs"
@@ -101,9 +102,11 @@ class ModelFiles:
 
 def _bento_model(home: Path, tag: str) -> Any:
     import bentoml
-    from bentoml._internal.models.model import ModelStore
 
-    return bentoml.models.get(tag, _model_store=ModelStore(str(home / "models")))
+    from serving.bentoml_bridge import model_store_at
+
+    with model_store_at(home):
+        return bentoml.models.get(tag)
 
 
 def prepare_model(options: Options, workdir: Path) -> ModelFiles:
@@ -115,7 +118,7 @@ def prepare_model(options: Options, workdir: Path) -> ModelFiles:
     """
     module_path = workdir / "module.pt"
     if options.tiny:
-        home = workdir / "bentoml_home"
+        home = workdir / "bentoml"
         tag = serving.make_tiny_model(home, module_path)
         description = f"`{tag}` (--tiny: random simple_cnn, width 8)"
         peer_env = {"FASHION_PEER_TORCH_FILE": str(module_path)}
@@ -317,7 +320,7 @@ def run_setup(
         if (s.endpoint, s.images) not in bodies:
             sub = folder / f"bodies-{s.endpoint}-{s.images}"
             bodies[s.endpoint, s.images] = serving.write_bodies(sub, s, images)
-    port = serving.free_port(options.host)
+    port = free_port(options.host)
     print(f"[{name}] starting on {options.host}:{port} ...", file=sys.stderr)
     rows = []
     with serving.serving(
@@ -727,7 +730,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--bentoml-home",
         type=Path,
-        default=Path(os.environ.get("BENTOML_HOME", PROJECT_ROOT / "bentoml_home")),
+        default=default_store_home(),
     )
     parser.add_argument("--model-tag", help="default: model_tag in configs/serving.yaml")
     parser.add_argument(
