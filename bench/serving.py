@@ -739,7 +739,7 @@ def run(options: Options) -> Report:
             workdir = options.work_dir
             workdir.mkdir(parents=True, exist_ok=True)
         if options.tiny:
-            home = workdir / "bentoml_home"
+            home = workdir / "bentoml"
             print("creating a tiny random simple_cnn model ...", file=sys.stderr)
             tag = make_tiny_model(home)
             shown = f"`{tag}` (--tiny: random simple_cnn, width 8)"
