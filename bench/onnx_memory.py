@@ -97,12 +97,9 @@ def onnx_file(options: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
     from serving.bentoml_bridge import model_store_at
     from serving.launch import default_store_home
 
-    if options.tiny:
-        home = workdir / "bentoml"
-        tag = serving.make_tiny_model(home)
-    else:
-        home = options.bentoml_home or default_store_home()
-        tag = serving.stored_model(home, options.model_tag or serving.configured_model_tag())
+    home, tag, _ = serving.pick_model(
+        options.tiny, options.bentoml_home or default_store_home(), options.model_tag, workdir
+    )
     with model_store_at(home):
         model = bentoml.models.get(tag)
     return Path(model.path_of("model.onnx")), tag

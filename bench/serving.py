@@ -219,6 +219,30 @@ def make_tiny_model(home: Path, module_path: Path | None = None) -> str:
     return tiny_model_in(home, TINY_MODEL, list(FASHION_MNIST_CLASSES), module_path)
 
 
+def pick_model(
+    tiny: bool,
+    home: Path,
+    model_tag: str | None,
+    workdir: Path,
+    module_path: Path | None = None,
+) -> tuple[Path, str, str]:
+    """The store and tag to serve: ``--tiny``'s random model in ``workdir``, or the stored one.
+
+    Returns:
+        The BentoML store, the model tag and how the report names the model.
+
+    Raises:
+        BenchError: the model is not in ``home``.
+    """
+    if tiny:
+        home = workdir / "bentoml"
+        print(f"creating a tiny random {TINY_MODEL.name} model ...", file=sys.stderr)
+        tag = make_tiny_model(home, module_path)
+        return home, tag, f"`{tag}` (--tiny: random {TINY_MODEL.name}, width {TINY_MODEL.width})"
+    tag = stored_model(home, model_tag or configured_model_tag())
+    return home, tag, f"`{tag}` from {home}"
+
+
 def stored_model(home: Path, tag: str) -> str:
     """The full tag of ``tag`` in the store at ``home``.
 
@@ -738,15 +762,9 @@ def run(options: Options) -> Report:
         else:
             workdir = options.work_dir
             workdir.mkdir(parents=True, exist_ok=True)
-        if options.tiny:
-            home = workdir / "bentoml"
-            print("creating a tiny random simple_cnn model ...", file=sys.stderr)
-            tag = make_tiny_model(home)
-            shown = f"`{tag}` (--tiny: random simple_cnn, width 8)"
-        else:
-            home = options.bentoml_home
-            tag = stored_model(home, options.model_tag or configured_model_tag())
-            shown = f"`{tag}` from {home}"
+        home, tag, shown = pick_model(
+            options.tiny, options.bentoml_home, options.model_tag, workdir
+        )
         env = server_env(home, tag, options.workers)
         settings = effective_settings(env)
         images, source = load_images(options.images)

@@ -299,14 +299,9 @@ def run(options: SoakOptions) -> SoakReport:
         else:
             workdir = options.work_dir
             workdir.mkdir(parents=True, exist_ok=True)
-        if options.tiny:
-            home = workdir / "bentoml"
-            tag = serving.make_tiny_model(home)
-            shown = f"`{tag}` (--tiny: random simple_cnn, width 8)"
-        else:
-            home = options.bentoml_home
-            tag = serving.stored_model(home, options.model_tag or serving.configured_model_tag())
-            shown = f"`{tag}` from {home}"
+        home, tag, shown = serving.pick_model(
+            options.tiny, options.bentoml_home, options.model_tag, workdir
+        )
         env = serving.server_env(home, tag, options.workers)
         images, _ = serving.load_images(s.images)
         scenarios = {

@@ -117,14 +117,12 @@ def prepare_model(options: Options, workdir: Path) -> ModelFiles:
             version than the imported one.
     """
     module_path = workdir / "module.pt"
+    home, tag, description = serving.pick_model(
+        options.tiny, options.bentoml_home, options.model_tag, workdir, module_path
+    )
     if options.tiny:
-        home = workdir / "bentoml"
-        tag = serving.make_tiny_model(home, module_path)
-        description = f"`{tag}` (--tiny: random simple_cnn, width 8)"
         peer_env = {"FASHION_PEER_TORCH_FILE": str(module_path)}
     else:
-        home = options.bentoml_home
-        tag = serving.stored_model(home, options.model_tag or serving.configured_model_tag())
         labels = _bento_model(home, tag).info.labels
         uri, version = champion_module(module_path)
         if labels.get("registered_version") != version:
@@ -133,7 +131,7 @@ def prepare_model(options: Options, workdir: Path) -> ModelFiles:
                 f"{labels.get('registered_version')}), but {uri} is version {version}: run "
                 "`make import` so the service and the torch setups use the same model"
             )
-        description = f"`{tag}` from {home} = {uri} (version {version})"
+        description = f"{description} = {uri} (version {version})"
         peer_env = {"FASHION_PEER_MODEL_URI": uri}
     stored = _bento_model(home, tag)
     meta_path = workdir / "meta.json"

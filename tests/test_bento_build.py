@@ -57,18 +57,20 @@ def included_files(project: Path) -> set[str]:
     }
 
 
+def run_in(folder: Path, command: list[str], env: dict[str, str]) -> str:
+    """Run ``command`` in ``folder`` with ``env``; its stdout (it must succeed)."""
+    done = subprocess.run(
+        command, cwd=folder, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def bentoml_build(project: Path, env: dict[str, str]) -> str:
     """``bentoml build`` in ``project``; the Bento's tag."""
-    built = subprocess.run(
-        [launch.bentoml_cli(), "build", "-f", "bentofile.yaml", "--output", "tag", "."],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT_S,
-    )
-    assert built.returncode == 0, built.stderr[-3000:]
-    return built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    command = [launch.bentoml_cli(), "build", "-f", "bentofile.yaml", "--output", "tag", "."]
+    built = run_in(project, command, env)
+    return built.strip().splitlines()[-1].removeprefix("__tag__:")
 
 
 @pytest.mark.slow
@@ -98,16 +100,10 @@ def test_bentoml_build_twice_packages_exactly_the_included_files(tmp_path: Path)
 def test_makefile_leaves_the_store_to_bentoml(tmp_path: Path) -> None:
     """No ``BENTOML_HOME`` from the Makefile: ``make`` and plain ``bentoml`` see one store."""
     env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
-    shown = subprocess.run(
-        ["make", "-s", "--no-print-directory", "--eval", SHOW_STORE_RULE, "show-store"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+    shown = run_in(
+        ROOT, ["make", "-s", "--no-print-directory", "--eval", SHOW_STORE_RULE, "show-store"], env
     )
-    assert shown.stdout.strip() == "[]"
+    assert shown.strip() == "[]"
     assert launch.default_store_home(env) == Path.home() / "bentoml"
     assert launch.default_store_home({"BENTOML_HOME": str(tmp_path)}) == tmp_path
 
