@@ -40,7 +40,8 @@ COMPOSE ?= $(shell docker info >/dev/null 2>&1 && echo "docker compose" || echo 
 MLFLOW_DB ?= sqlite
 COMPOSE_PROJECT ?= fashion-serve
 COMPOSE_FILES := -f docker-compose.yaml $(if $(filter postgres,$(MLFLOW_DB)),-f docker-compose.postgres.yaml,)
-export BENTOML_HOME ?= $(CURDIR)/bentoml_home
+# Models live in BentoML's own store (BENTOML_HOME if exported, else ~/bentoml), so plain
+# `bentoml serve service:Classifier`, `bentoml models list` and `bentoml build` see them.
 
 .PHONY: setup system-deps data train fit promote import serve run test lint typecheck pytest mlflow sweep bench bench-serve recipe-search openapi soak screenshots demo alerts alert-rules clean help
 .PHONY: container-deps container-base container container-smoke mlflow-image postgres-image compose-up compose-down
@@ -101,7 +102,7 @@ openapi: setup  ## export the service's OpenAPI schema to docs/openapi.json (no 
 
 screenshots: setup  ## Swagger UI in headless Chromium predicting with the imported model → docs/swagger-*.png
 	$(PY) scripts/demo.py sample-image $(SCREENSHOT_IMAGE)
-	SWAGGER_BENTOML_HOME=$(BENTOML_HOME) SWAGGER_IMAGE=$(SCREENSHOT_IMAGE) SWAGGER_SCREENSHOT_DIR=docs \
+	SWAGGER_BENTOML_HOME=$${BENTOML_HOME:-$$HOME/bentoml} SWAGGER_IMAGE=$(SCREENSHOT_IMAGE) SWAGGER_SCREENSHOT_DIR=docs \
 	  $(PY) -m pytest tests/test_swagger_ui.py -q -p no:cacheprovider
 
 demo: setup  ## record `make run` and `make test` (real runs, tmux) + Swagger screenshots → docs/demo.gif

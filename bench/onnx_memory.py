@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -95,15 +94,15 @@ def speed(onnx_path: Path, rounds: int = 5) -> dict[bool, dict[int, float]]:
 def onnx_file(options: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
     """The ONNX file of the served model (or of a random tiny one with ``--tiny``)."""
     import bentoml
-    from bentoml._internal.models.model import ModelStore
 
-    if options.tiny:
-        home = workdir / "bentoml_home"
-        tag = serving.make_tiny_model(home)
-    else:
-        home = options.bentoml_home
-        tag = serving.stored_model(home, options.model_tag or serving.configured_model_tag())
-    model = bentoml.models.get(tag, _model_store=ModelStore(str(home / "models")))
+    from serving.bentoml_bridge import model_store_at
+    from serving.launch import default_store_home
+
+    home, tag, _ = serving.pick_model(
+        options.tiny, options.bentoml_home or default_store_home(), options.model_tag, workdir
+    )
+    with model_store_at(home):
+        model = bentoml.models.get(tag)
     return Path(model.path_of("model.onnx")), tag
 
 
@@ -139,8 +138,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--bentoml-home",
         type=Path,
-        default=Path(os.environ.get("BENTOML_HOME", serving.PROJECT_ROOT / "bentoml_home")),
-        help="BentoML store holding the imported model (default: $BENTOML_HOME or ./bentoml_home)",
+        default=None,
+        help="BentoML store holding the imported model (default: $BENTOML_HOME or ~/bentoml)",
     )
     parser.add_argument("--tiny", action="store_true", help="a random tiny model instead")
     parser.add_argument("--one", choices=["on", "off"], help=argparse.SUPPRESS)

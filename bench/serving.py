@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from serving.launch import ServeError, Server, default_store_home, free_port
+from train.config import ModelConfig
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LUA_SCRIPT = Path(__file__).resolve().with_name("post_multipart.lua")
 DEFAULT_OUTPUT = PROJECT_ROOT / "docs" / "benchmarks-serving.md"
@@ -62,6 +64,8 @@ MAX_CONCURRENCY = 1024
 #: Prebuilt bodies per scenario; requests rotate through them.
 MAX_BODIES = 256
 ERROR_KINDS = ("connect", "read", "write", "status", "timeout")
+#: The random model of ``--tiny``: small enough to import in seconds, Fashion-MNIST's classes.
+TINY_MODEL = ModelConfig(name="simple_cnn", width=8)
 
 
 class BenchError(RuntimeError):
@@ -203,42 +207,40 @@ def write_bodies(folder: Path, scenario: Scenario, images: Sequence[bytes]) -> B
 
 
 def make_tiny_model(home: Path, module_path: Path | None = None) -> str:
-    """Import a random ``simple_cnn`` (width 8, Fashion-MNIST classes) into the store at ``home``.
+    """Import the benchmarks' random model (:data:`TINY_MODEL`, Fashion-MNIST's classes) into the
+    store at ``home`` with :func:`train.tiny.tiny_model_in`; its tag.
 
-    Mirrors ``tests/test_service.py``: :func:`train.export.import_to_bento` with an explicit
-    ``bentoml_home``, so BentoML's global store is untouched. With ``module_path``, the torch
-    module is also ``torch.save``'d there (for the torch backend and the peer).
+    With ``module_path``, the torch module is also ``torch.save``'d there (for the torch backend
+    and the peer).
+    """
+    from train.data import FASHION_MNIST_CLASSES
+    from train.tiny import tiny_model_in
+
+    return tiny_model_in(home, TINY_MODEL, list(FASHION_MNIST_CLASSES), module_path)
+
+
+def pick_model(
+    tiny: bool,
+    home: Path,
+    model_tag: str | None,
+    workdir: Path,
+    module_path: Path | None = None,
+) -> tuple[Path, str, str]:
+    """The store and tag to serve: ``--tiny``'s random model in ``workdir``, or the stored one.
 
     Returns:
-        The BentoML model tag.
+        The BentoML store, the model tag and how the report names the model.
+
+    Raises:
+        BenchError: the model is not in ``home``.
     """
-    import torch
-
-    from common.preprocess import PreprocessSpec, to_model_input
-    from train.config import ExportConfig, ModelConfig
-    from train.data import FASHION_MNIST_CLASSES
-    from train.export import import_to_bento
-    from train.models import build_model
-
-    torch.manual_seed(0)
-    spec = PreprocessSpec()
-    model = build_model(
-        ModelConfig(name="simple_cnn", width=8), spec, num_classes=len(FASHION_MNIST_CLASSES)
-    ).eval()
-    rng = np.random.default_rng(0)
-    parity = to_model_input(list(rng.integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)))
-    lineage = {"registered_name": "fashion-classifier", "version": "0", "run_id": "bench-tiny"}
-    tag = import_to_bento(
-        model,
-        list(FASHION_MNIST_CLASSES),
-        spec,
-        lineage,
-        parity,
-        ExportConfig(bentoml_home=home),
-    )
-    if module_path is not None:
-        torch.save(model, module_path)
-    return str(tag)
+    if tiny:
+        home = workdir / "bentoml"
+        print(f"creating a tiny random {TINY_MODEL.name} model ...", file=sys.stderr)
+        tag = make_tiny_model(home, module_path)
+        return home, tag, f"`{tag}` (--tiny: random {TINY_MODEL.name}, width {TINY_MODEL.width})"
+    tag = stored_model(home, model_tag or configured_model_tag())
+    return home, tag, f"`{tag}` from {home}"
 
 
 def stored_model(home: Path, tag: str) -> str:
@@ -248,11 +250,13 @@ def stored_model(home: Path, tag: str) -> str:
         BenchError: the model is not there (with the command that puts it there).
     """
     import bentoml
-    from bentoml._internal.models.model import ModelStore
     from bentoml.exceptions import NotFound
 
+    from serving.bentoml_bridge import model_store_at
+
     try:
-        model = bentoml.models.get(tag, _model_store=ModelStore(str(home / "models")))
+        with model_store_at(home):
+            model = bentoml.models.get(tag)
     except (NotFound, OSError) as exc:
         raise BenchError(
             f"model {tag} is not in the BentoML store at {home} ({exc}); run `make import` "
@@ -402,110 +406,6 @@ def pick_client(choice: str) -> str:
 # --------------------------------------------------------------------------- server
 
 
-def free_port(host: str) -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def bentoml_command() -> list[str]:
-    """``bentoml serve service:Classifier`` from this interpreter's environment."""
-    return [str(Path(sys.executable).parent / "bentoml"), "serve", "service:Classifier"]
-
-
-class Server:
-    """A server process (by default ``bentoml serve service:Classifier``) in its own group.
-
-    ``command`` gets ``--host HOST --port PORT`` appended and must answer ``GET /readyz``.
-    """
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        env: dict[str, str],
-        log: Path,
-        command: Sequence[str] | None = None,
-    ) -> None:
-        self.url = f"http://{host}:{port}"
-        self.log = log
-        self.cold_start_s = float("nan")
-        self.stopped: str | None = None
-        command = list(command or bentoml_command())
-        self._spawned = time.perf_counter()
-        with log.open("wb") as sink:
-            self.process = subprocess.Popen(
-                [*command, "--host", host, "--port", str(port)],
-                cwd=PROJECT_ROOT,
-                env=env,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` lines of the server log."""
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no server log)"
-
-    def wait_ready(self, timeout_s: float) -> float:
-        """Poll ``/readyz`` until 200; return seconds since spawn (the cold start).
-
-        Raises:
-            BenchError: the process exited or was not ready in ``timeout_s``.
-        """
-        deadline = self._spawned + timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                self.check_alive()
-                try:
-                    if client.get(f"{self.url}/readyz").status_code == 200:
-                        self.cold_start_s = time.perf_counter() - self._spawned
-                        return self.cold_start_s
-                except httpx.HTTPError:
-                    pass
-                if time.perf_counter() > deadline:
-                    raise BenchError(
-                        f"server not ready in {timeout_s:.0f}s; log tail:\n" + self.log_tail()
-                    )
-                time.sleep(0.05)
-
-    def check_alive(self) -> None:
-        """Raise :class:`BenchError` with the log tail if the server has exited."""
-        if self.process.poll() is not None:
-            raise BenchError(
-                f"server exited with {self.process.returncode}; log tail:\n" + self.log_tail()
-            )
-
-    def stop(self, timeout_s: float) -> str:
-        """SIGTERM the process group, SIGKILL it after ``timeout_s``; say how it ended (once)."""
-        if self.stopped is not None:
-            return self.stopped
-        if self.process.poll() is not None:
-            self.stopped = f"server had exited by itself ({self.process.returncode})"
-            return self.stopped
-        started = time.perf_counter()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout_s)
-            how = f"stopped by SIGTERM in {time.perf_counter() - started:.1f}s"
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            how = f"killed (SIGKILL) after {timeout_s:.0f}s without stopping on SIGTERM"
-        # Workers may outlive the arbiter; the group is ours.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.stopped = how
-        return how
-
-
 @contextlib.contextmanager
 def serving(
     host: str,
@@ -515,10 +415,15 @@ def serving(
     stop_s: float,
     command: Sequence[str] | None = None,
 ) -> Iterator[Server]:
-    """Start the server, yield it, and always stop it (exceptions and Ctrl-C included)."""
+    """Start the server, yield it, and always stop it (exceptions and Ctrl-C included).
+
+    A server that exits or does not get ready raises :class:`BenchError` with its log tail.
+    """
     server = Server(host, port, env, log, command)
     try:
         yield server
+    except ServeError as exc:
+        raise BenchError(str(exc)) from exc
     finally:
         print(f"server: {server.stop(stop_s)}", file=sys.stderr)
 
@@ -857,15 +762,9 @@ def run(options: Options) -> Report:
         else:
             workdir = options.work_dir
             workdir.mkdir(parents=True, exist_ok=True)
-        if options.tiny:
-            home = workdir / "bentoml_home"
-            print("creating a tiny random simple_cnn model ...", file=sys.stderr)
-            tag = make_tiny_model(home)
-            shown = f"`{tag}` (--tiny: random simple_cnn, width 8)"
-        else:
-            home = options.bentoml_home
-            tag = stored_model(home, options.model_tag or configured_model_tag())
-            shown = f"`{tag}` from {home}"
+        home, tag, shown = pick_model(
+            options.tiny, options.bentoml_home, options.model_tag, workdir
+        )
         env = server_env(home, tag, options.workers)
         settings = effective_settings(env)
         images, source = load_images(options.images)
@@ -947,8 +846,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--bentoml-home",
         type=Path,
-        default=Path(os.environ.get("BENTOML_HOME", PROJECT_ROOT / "bentoml_home")),
-        help="BentoML store holding the imported model (default: $BENTOML_HOME or ./bentoml_home)",
+        default=default_store_home(),
+        help="BentoML store holding the imported model (default: $BENTOML_HOME or ~/bentoml)",
     )
     parser.add_argument("--model-tag", help="default: model_tag in configs/serving.yaml")
     parser.add_argument(

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bench import serving
 from common.settings import config_dir, load_settings_file
+from serving.launch import default_store_home, free_port
 
 DEFAULT_CONFIG = config_dir() / "soak.yaml"
 ENV_PREFIX = "FASHION_SERVE_SOAK__"
@@ -298,14 +299,9 @@ def run(options: SoakOptions) -> SoakReport:
         else:
             workdir = options.work_dir
             workdir.mkdir(parents=True, exist_ok=True)
-        if options.tiny:
-            home = workdir / "bentoml_home"
-            tag = serving.make_tiny_model(home)
-            shown = f"`{tag}` (--tiny: random simple_cnn, width 8)"
-        else:
-            home = options.bentoml_home
-            tag = serving.stored_model(home, options.model_tag or serving.configured_model_tag())
-            shown = f"`{tag}` from {home}"
+        home, tag, shown = serving.pick_model(
+            options.tiny, options.bentoml_home, options.model_tag, workdir
+        )
         env = serving.server_env(home, tag, options.workers)
         images, _ = serving.load_images(s.images)
         scenarios = {
@@ -321,7 +317,7 @@ def run(options: SoakOptions) -> SoakReport:
         host = "127.0.0.1"
         server = stack.enter_context(
             serving.serving(
-                host, serving.free_port(host), env, workdir / "server.log", options.stop_timeout
+                host, free_port(host), env, workdir / "server.log", options.stop_timeout
             )
         )
         server.wait_ready(options.ready_timeout)
@@ -387,8 +383,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SoakOptions:
     parser.add_argument(
         "--bentoml-home",
         type=Path,
-        default=Path(os.environ.get("BENTOML_HOME", serving.PROJECT_ROOT / "bentoml_home")),
-        help="BentoML store holding the imported model (default: $BENTOML_HOME or ./bentoml_home)",
+        default=default_store_home(),
+        help="BentoML store holding the imported model (default: $BENTOML_HOME or ~/bentoml)",
     )
     parser.add_argument("--model-tag", help="default: model_tag in configs/serving.yaml")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")

@@ -45,6 +45,7 @@ import numpy as np
 
 from bench import serving
 from bench.serving import BenchError, Row, Scenario
+from serving.launch import default_store_home, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DOCS = PROJECT_ROOT / "docs"
@@ -101,9 +102,11 @@ class ModelFiles:
 
 def _bento_model(home: Path, tag: str) -> Any:
     import bentoml
-    from bentoml._internal.models.model import ModelStore
 
-    return bentoml.models.get(tag, _model_store=ModelStore(str(home / "models")))
+    from serving.bentoml_bridge import model_store_at
+
+    with model_store_at(home):
+        return bentoml.models.get(tag)
 
 
 def prepare_model(options: Options, workdir: Path) -> ModelFiles:
@@ -114,14 +117,12 @@ def prepare_model(options: Options, workdir: Path) -> ModelFiles:
             version than the imported one.
     """
     module_path = workdir / "module.pt"
+    home, tag, description = serving.pick_model(
+        options.tiny, options.bentoml_home, options.model_tag, workdir, module_path
+    )
     if options.tiny:
-        home = workdir / "bentoml_home"
-        tag = serving.make_tiny_model(home, module_path)
-        description = f"`{tag}` (--tiny: random simple_cnn, width 8)"
         peer_env = {"FASHION_PEER_TORCH_FILE": str(module_path)}
     else:
-        home = options.bentoml_home
-        tag = serving.stored_model(home, options.model_tag or serving.configured_model_tag())
         labels = _bento_model(home, tag).info.labels
         uri, version = champion_module(module_path)
         if labels.get("registered_version") != version:
@@ -130,7 +131,7 @@ def prepare_model(options: Options, workdir: Path) -> ModelFiles:
                 f"{labels.get('registered_version')}), but {uri} is version {version}: run "
                 "`make import` so the service and the torch setups use the same model"
             )
-        description = f"`{tag}` from {home} = {uri} (version {version})"
+        description = f"{description} = {uri} (version {version})"
         peer_env = {"FASHION_PEER_MODEL_URI": uri}
     stored = _bento_model(home, tag)
     meta_path = workdir / "meta.json"
@@ -317,7 +318,7 @@ def run_setup(
         if (s.endpoint, s.images) not in bodies:
             sub = folder / f"bodies-{s.endpoint}-{s.images}"
             bodies[s.endpoint, s.images] = serving.write_bodies(sub, s, images)
-    port = serving.free_port(options.host)
+    port = free_port(options.host)
     print(f"[{name}] starting on {options.host}:{port} ...", file=sys.stderr)
     rows = []
     with serving.serving(
@@ -727,7 +728,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--bentoml-home",
         type=Path,
-        default=Path(os.environ.get("BENTOML_HOME", PROJECT_ROOT / "bentoml_home")),
+        default=default_store_home(),
     )
     parser.add_argument("--model-tag", help="default: model_tag in configs/serving.yaml")
     parser.add_argument(

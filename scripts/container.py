@@ -30,7 +30,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,8 @@ if str(ROOT) not in sys.path:  # run as a script: make `train` importable
     sys.path.insert(0, str(ROOT))
 
 from common.settings import SettingsError, load_settings_file  # noqa: E402
+from serving.launch import ServeError, bentoml_cli, default_store_home, free_port  # noqa: E402
+from serving.launch import wait_ready as wait_readyz  # noqa: E402
 
 ENV_PREFIX = "FASHION_SERVE_CONTAINER__"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -437,11 +438,6 @@ def build_base(
 # --------------------------------------------------------------------------- service image
 
 
-def bentoml_cli() -> str:
-    """The ``bentoml`` next to this Python."""
-    return str(Path(sys.executable).parent / "bentoml")
-
-
 def model_preflight(model_tag: str, env: Mapping[str, str], runner: Runner = run) -> None:
     """Check that the served model is in the BentoML store ``bentoml build`` will read.
 
@@ -450,7 +446,7 @@ def model_preflight(model_tag: str, env: Mapping[str, str], runner: Runner = run
     """
     found = runner([bentoml_cli(), "models", "get", model_tag], check=False, env=env)
     if found.returncode != 0:
-        home = env.get("BENTOML_HOME", "~/bentoml")
+        home = default_store_home(env)
         raise ContainerError(
             f"model {model_tag} is not in the BentoML store {home}: run `make import` "
             "(or `make run`) first, or `make container-smoke` for a tiny test model"
@@ -554,34 +550,11 @@ def image_size_mb(engine: str, tag: str, env: Mapping[str, str], runner: Runner 
 # --------------------------------------------------------------------------- smoke test
 
 
-def free_port(host: str) -> int:
-    """A free TCP port on ``host``."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def import_tiny_model(home: Path) -> str:
-    """Import a random 3-class ``resnet_small`` (width 4) into the BentoML store at ``home``."""
-    import numpy as np
-    import torch
+    """Import the tiny random model of :mod:`train.tiny` into the BentoML store at ``home``."""
+    from train.tiny import tiny_model_in  # torch: only for --tiny
 
-    from common.preprocess import PreprocessSpec, to_model_input
-    from train.config import ExportConfig, ModelConfig
-    from train.export import import_to_bento
-    from train.models import build_model
-
-    spec = PreprocessSpec()
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name="resnet_small", width=4), spec, num_classes=3).eval()
-    rng = np.random.default_rng(0)
-    parity = to_model_input(list(rng.integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)))
-    lineage = {"registered_name": "fashion-classifier", "version": "1", "run_id": "smoke"}
-    tag = import_to_bento(
-        model, ["shirt", "shoe", "bag"], spec, lineage, parity, ExportConfig(bentoml_home=home)
-    )
-    return str(tag)
+    return tiny_model_in(home)
 
 
 @dataclass(frozen=True)
@@ -634,22 +607,15 @@ def running_container(
 
 
 def wait_ready(url: str, started: float, timeout_s: float, alive: Callable[[], bool]) -> float:
-    """Poll ``/readyz`` until 200; return seconds since ``started``.
+    """Poll ``/readyz`` until 200 (:func:`serving.launch.wait_ready`); seconds since ``started``.
 
     Raises:
         ContainerError: the container exited or was not ready in time.
     """
-    deadline = started + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        if not alive():
-            raise ContainerError("the container exited before /readyz answered 200")
-        time.sleep(0.1)
-    raise ContainerError(f"/readyz did not answer 200 within {timeout_s:.0f} s")
+    try:
+        return wait_readyz(url, timeout_s, alive, started)
+    except ServeError as exc:
+        raise ContainerError(str(exc)) from exc
 
 
 def check_endpoints(url: str, png: bytes, timeout_s: float) -> dict[str, Any]:

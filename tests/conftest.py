@@ -1,5 +1,9 @@
 """Shared fixtures: tiny generated data sets and isolated settings.
 
+For the whole session ``BENTOML_HOME`` is an empty temporary store (:func:`pytest_configure`):
+no test reads or writes BentoML's real store (``~/bentoml``, or an exported ``BENTOML_HOME``).
+A test that needs a model imports one into its own store (``train.tiny``, ``tmp_path``).
+
 Fixtures (all function-scoped, everything written below the test's ``tmp_path``):
 
 ``make_fmnist(root, train_per_class=12, test_per_class=4, seed=0) -> Path``
@@ -37,7 +41,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -48,6 +54,27 @@ from PIL import Image
 
 from train.config import Settings, load_settings
 from train.data import FASHION_MNIST_FILES
+
+#: Set to the session's throw-away BentoML store while the tests run.
+SESSION_STORE_ENV = "BENTOML_HOME"
+SESSION_STORE_PREFIX = "fashion-serve-test-bentoml-"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point ``BENTOML_HOME`` at an empty temporary store before any test imports BentoML."""
+    before = os.environ.get(SESSION_STORE_ENV)
+    store = tempfile.mkdtemp(prefix=SESSION_STORE_PREFIX)
+    os.environ[SESSION_STORE_ENV] = store
+
+    def restore() -> None:
+        if before is None:
+            os.environ.pop(SESSION_STORE_ENV, None)
+        else:
+            os.environ[SESSION_STORE_ENV] = before
+        shutil.rmtree(store, ignore_errors=True)
+
+    config.add_cleanup(restore)
+
 
 FMNIST_TRAIN_PER_CLASS = 12
 FMNIST_TEST_PER_CLASS = 4
