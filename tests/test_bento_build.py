@@ -48,13 +48,30 @@ def project_copy(target: Path) -> Path:
 
 
 def included_files(project: Path) -> set[str]:
-    """The files ``bentofile.yaml``'s ``include`` names, relative to ``project``."""
-    patterns = yaml.safe_load((project / "bentofile.yaml").read_text())["include"]
-    return {
-        path.relative_to(project).as_posix()
-        for pattern in patterns
-        for path in project.glob(pattern.lstrip("/"))
-    }
+    """The files ``bentofile.yaml``'s ``include`` names less its ``exclude``, relative to ``project``."""
+    bentofile = yaml.safe_load((project / "bentofile.yaml").read_text())
+
+    def matching(patterns: list[str]) -> set[str]:
+        return {
+            path.relative_to(project).as_posix()
+            for pattern in patterns
+            for path in project.glob(pattern.lstrip("/"))
+            if path.is_file()
+        }
+
+    return matching(bentofile["include"]) - matching(bentofile["exclude"])
+
+
+def modules_the_service_imports(env: dict[str, str]) -> set[str]:
+    """The project's own Python files that ``import service`` loads."""
+    code = (
+        "import sys, pathlib, service; root = pathlib.Path.cwd().resolve(); "
+        "print('\\n'.join(sorted(pathlib.Path(m.__file__).resolve().relative_to(root).as_posix() "
+        "for m in list(sys.modules.values()) if getattr(m, '__file__', None) "
+        "and pathlib.Path(m.__file__).resolve().is_relative_to(root) "
+        "and 'site-packages' not in m.__file__)))"
+    )
+    return set(run_in(ROOT, [sys.executable, "-c", code], env).split())
 
 
 def run_in(folder: Path, command: list[str], env: dict[str, str]) -> str:
@@ -88,7 +105,9 @@ def test_bentoml_build_twice_packages_exactly_the_included_files(tmp_path: Path)
         "FASHION_SERVE_SERVING__MODEL_TAG": tag,
     }
     expected = included_files(project) | BENTO_OWN_FILES
-    assert {"service.py", "serving/launch.py", "configs/serving.yaml"} <= expected
+    python_files = {name for name in expected if name.endswith(".py")}
+    assert python_files == modules_the_service_imports(env)  # exactly what the service imports
+    assert {"service.py", "configs/serving.yaml"} <= expected
     bentos = [bentoml_build(project, env), bentoml_build(project, env)]
     assert bentos[0] != bentos[1]
     for bento in bentos:
