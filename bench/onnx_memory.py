@@ -101,7 +101,7 @@ def onnx_file(options: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
         tag = serving.make_tiny_model(home)
     else:
         home = options.bentoml_home
-        tag = serving.stored_model(home, options.model_tag or serving.configured_model_tag())
+        tag = serving.stored_model(home, options.model_tag or serving.configured_model_tag(home))
     model = bentoml.models.get(tag, _model_store=ModelStore(str(home / "models")))
     return Path(model.path_of("model.onnx")), tag
 

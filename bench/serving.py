@@ -205,8 +205,8 @@ def write_bodies(folder: Path, scenario: Scenario, images: Sequence[bytes]) -> B
 def make_tiny_model(home: Path, module_path: Path | None = None) -> str:
     """Import a random ``simple_cnn`` (width 8, Fashion-MNIST classes) into the store at ``home``.
 
-    Mirrors ``tests/test_service.py``: :func:`train.export.import_to_bento` with an explicit
-    ``bentoml_home``, so BentoML's global store is untouched. With ``module_path``, the torch
+    Mirrors ``tests/serving_helpers.import_tiny``: :func:`train.export.import_to_bento` into the
+    store at ``home`` (:func:`serving.bentoml_bridge.model_store_at`). With ``module_path``, the torch
     module is also ``torch.save``'d there (for the torch backend and the peer).
 
     Returns:
@@ -215,6 +215,7 @@ def make_tiny_model(home: Path, module_path: Path | None = None) -> str:
     import torch
 
     from common.preprocess import PreprocessSpec, to_model_input
+    from serving.bentoml_bridge import model_store_at
     from train.config import ExportConfig, ModelConfig
     from train.data import FASHION_MNIST_CLASSES
     from train.export import import_to_bento
@@ -227,15 +228,16 @@ def make_tiny_model(home: Path, module_path: Path | None = None) -> str:
     ).eval()
     rng = np.random.default_rng(0)
     parity = to_model_input(list(rng.integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)))
-    lineage = {"registered_name": "fashion-classifier", "version": "0", "run_id": "bench-tiny"}
-    tag = import_to_bento(
-        model,
-        list(FASHION_MNIST_CLASSES),
-        spec,
-        lineage,
-        parity,
-        ExportConfig(bentoml_home=home),
-    )
+    lineage = {
+        "registered_name": "fashion-classifier",
+        "version": "0",
+        "alias": "champion",
+        "run_id": "bench-tiny",
+    }
+    with model_store_at(home):
+        tag = import_to_bento(
+            model, list(FASHION_MNIST_CLASSES), spec, lineage, parity, ExportConfig()
+        )
     if module_path is not None:
         torch.save(model, module_path)
     return str(tag)
@@ -789,11 +791,19 @@ def server_env(home: Path, tag: str, workers: int | None) -> dict[str, str]:
     return env
 
 
-def configured_model_tag() -> str:
-    """``model_tag`` of ``configs/serving.yaml`` (with ``FASHION_SERVE_SERVING__*`` overrides)."""
+def configured_model_tag(home: Path | None = None) -> str:
+    """The model the service would serve (:func:`serving.lineage.served_tag`) from ``home``.
+
+    ``home`` is a BentoML home (default: BentoML's own store, ``BENTOML_HOME``).
+    """
+    from contextlib import nullcontext
+
+    from serving.bentoml_bridge import model_store_at
+    from serving.lineage import served_tag
     from serving.settings import load_serving_settings
 
-    return load_serving_settings().model_tag
+    with nullcontext() if home is None else model_store_at(home):
+        return served_tag(load_serving_settings())
 
 
 def effective_settings(env: dict[str, str]) -> dict[str, Any]:
@@ -864,7 +874,7 @@ def run(options: Options) -> Report:
             shown = f"`{tag}` (--tiny: random simple_cnn, width 8)"
         else:
             home = options.bentoml_home
-            tag = stored_model(home, options.model_tag or configured_model_tag())
+            tag = stored_model(home, options.model_tag or configured_model_tag(home))
             shown = f"`{tag}` from {home}"
         env = server_env(home, tag, options.workers)
         settings = effective_settings(env)

@@ -304,7 +304,9 @@ def run(options: SoakOptions) -> SoakReport:
             shown = f"`{tag}` (--tiny: random simple_cnn, width 8)"
         else:
             home = options.bentoml_home
-            tag = serving.stored_model(home, options.model_tag or serving.configured_model_tag())
+            tag = serving.stored_model(
+                home, options.model_tag or serving.configured_model_tag(home)
+            )
             shown = f"`{tag}` from {home}"
         env = serving.server_env(home, tag, options.workers)
         images, _ = serving.load_images(s.images)

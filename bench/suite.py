@@ -121,7 +121,7 @@ def prepare_model(options: Options, workdir: Path) -> ModelFiles:
         peer_env = {"FASHION_PEER_TORCH_FILE": str(module_path)}
     else:
         home = options.bentoml_home
-        tag = serving.stored_model(home, options.model_tag or serving.configured_model_tag())
+        tag = serving.stored_model(home, options.model_tag or serving.configured_model_tag(home))
         labels = _bento_model(home, tag).info.labels
         uri, version = champion_module(module_path)
         if labels.get("registered_version") != version:

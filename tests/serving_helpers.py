@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from common.preprocess import PreprocessSpec, to_model_input
+from serving.bentoml_bridge import model_store_at
 from train.config import ExportConfig, ModelConfig
 from train.export import import_to_bento
 from train.models import build_model
@@ -44,13 +45,18 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
 
 
 def import_tiny(model: torch.nn.Module, home: Path, version: str = "1") -> str:
-    """Import ``model`` as registered version ``version`` into the BentoML home ``home``; its tag."""
+    """Import ``model`` as registered version ``version`` through ``@champion`` into the BentoML
+    home ``home`` (what ``make import`` does); its tag, the one the service then serves."""
     rng = np.random.default_rng(0)
     parity = to_model_input(list(rng.integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)))
-    lineage = {"registered_name": "fashion-classifier", "version": version, "run_id": f"r{version}"}
-    tag = import_to_bento(
-        model, TINY_CLASSES, TINY_SPEC, lineage, parity, ExportConfig(bentoml_home=home)
-    )
+    lineage = {
+        "registered_name": "fashion-classifier",
+        "version": version,
+        "alias": "champion",
+        "run_id": f"r{version}",
+    }
+    with model_store_at(home):
+        tag = import_to_bento(model, TINY_CLASSES, TINY_SPEC, lineage, parity, ExportConfig())
     return str(tag)
 
 
