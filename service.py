@@ -1,4 +1,4 @@
-"""The BentoML service: ``POST /predict`` and ``POST /batch_predict`` on the imported champion.
+"""The BentoML service: ``POST /predict``, ``POST /batch_predict`` and ``GET /model`` on the champion.
 
 An upload passes :class:`serving.gate.UploadGate` (API key, body limit, multipart, decode; every
 client mistake a 4xx JSON answer), is batched by BentoML's adaptive batcher into one call of the
@@ -22,6 +22,7 @@ from common.alerts import load_alert_settings
 from common.drift import DriftMonitor, Reference
 from common.model_format import REFERENCE_FILE
 from serving.gate import ApiKeyGuard, UploadGate
+from serving.lineage import model_info, served_tag
 from serving.runtime import ModelRuntime
 from serving.schema import (
     BatchPredictInput,
@@ -52,14 +53,16 @@ if SETTINGS.malloc_arena_max is not None:
     tracing={"excluded_urls": SETTINGS.tracing_excluded_urls},
 )
 class Classifier:
-    """Image classifier: the imported champion on ONNX Runtime."""
+    """Image classifier: the current import of the configured alias on ONNX Runtime."""
 
-    model_ref = bentoml.models.BentoModel(SETTINGS.model_tag)
+    # Resolved at import, so `bentoml build` packages exactly this entry (serving.lineage).
+    model_ref = bentoml.models.BentoModel(served_tag(SETTINGS))
 
     def __init__(self) -> None:
         configure_logging(SETTINGS.logging)
         stored = cast(bentoml.Model, self.model_ref)
         self.runtime = ModelRuntime.from_bento_model(stored, SETTINGS)
+        self.lineage = model_info(stored)  # GET /model (serving.gate)
         self.recorder = PredictionRecorder(
             service_metrics(),
             prediction_data=SETTINGS.logging.predictions.enabled,
@@ -73,7 +76,14 @@ class Classifier:
             log.warning(
                 "no {}: drift gauges are off (python -m train reference adds one)", REFERENCE_FILE
             )
-        log.info("serving {} ({} classes)", stored.tag, len(self.runtime.class_names))
+        log.info(
+            "serving {} = {} version {} via @{} ({} classes)",
+            stored.tag,
+            self.lineage.registered_model,
+            self.lineage.version,
+            self.lineage.alias,
+            len(self.runtime.class_names),
+        )
         if SETTINGS.gc_freeze_after_load:
             # What is alive now lives as long as the worker; frozen, full collections skip it.
             gc.collect()

@@ -239,7 +239,7 @@ def pick_model(
         print(f"creating a tiny random {TINY_MODEL.name} model ...", file=sys.stderr)
         tag = make_tiny_model(home, module_path)
         return home, tag, f"`{tag}` (--tiny: random {TINY_MODEL.name}, width {TINY_MODEL.width})"
-    tag = stored_model(home, model_tag or configured_model_tag())
+    tag = stored_model(home, model_tag or configured_model_tag(home))
     return home, tag, f"`{tag}` from {home}"
 
 
@@ -694,11 +694,19 @@ def server_env(home: Path, tag: str, workers: int | None) -> dict[str, str]:
     return env
 
 
-def configured_model_tag() -> str:
-    """``model_tag`` of ``configs/serving.yaml`` (with ``FASHION_SERVE_SERVING__*`` overrides)."""
+def configured_model_tag(home: Path | None = None) -> str:
+    """The model the service would serve (:func:`serving.lineage.served_tag`) from ``home``.
+
+    ``home`` is a BentoML home (default: BentoML's own store, ``BENTOML_HOME``).
+    """
+    from contextlib import nullcontext
+
+    from serving.bentoml_bridge import model_store_at
+    from serving.lineage import served_tag
     from serving.settings import load_serving_settings
 
-    return load_serving_settings().model_tag
+    with nullcontext() if home is None else model_store_at(home):
+        return served_tag(load_serving_settings())
 
 
 def effective_settings(env: dict[str, str]) -> dict[str, Any]:

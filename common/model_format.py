@@ -9,3 +9,12 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 #: The validation-split reference distribution for drift, beside the graph.
 REFERENCE_FILE = "reference.json"
+
+#: BentoML labels ``train.export`` puts on every imported model: where it came from in the MLflow
+#: registry. ``alias`` is the registry alias it was imported through (absent for an import of an
+#: explicit version); serving resolves the model to serve from it (:mod:`serving.lineage`).
+LABEL_NAME = "registered_model"
+LABEL_VERSION = "registered_version"
+LABEL_ALIAS = "alias"
+LABEL_RUN = "run_id"
+LABEL_COMMIT = "git_commit"

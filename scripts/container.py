@@ -454,10 +454,23 @@ def model_preflight(model_tag: str, env: Mapping[str, str], runner: Runner = run
 
 
 def served_model_tag(env: Mapping[str, str]) -> str:
-    """``model_tag`` of the serving settings (with ``FASHION_SERVE_SERVING__`` overrides)."""
-    from serving.settings import load_serving_settings  # no BentoML, no torch
+    """The model the service would serve (:func:`serving.lineage.served_tag`) for ``env``.
 
-    return load_serving_settings(environ=env).model_tag
+    Read from the store ``env`` names (``BENTOML_HOME``, default ``~/bentoml``) with its
+    ``FASHION_SERVE_SERVING__`` overrides; ``<model_name>@<alias>`` when that store has no
+    import of the alias, so the preflight names what is missing.
+    """
+    from serving.bentoml_bridge import model_store_at
+    from serving.lineage import ServedModelError, served_tag
+    from serving.settings import load_serving_settings
+
+    settings = load_serving_settings(environ=env)
+    home = Path(env.get("BENTOML_HOME", "~/bentoml")).expanduser()
+    try:
+        with model_store_at(home):
+            return served_tag(settings)
+    except ServedModelError:
+        return f"{settings.model_name}@{settings.model_alias}"
 
 
 def build_image(

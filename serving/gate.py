@@ -5,7 +5,8 @@ before the body is read); :mod:`serving.uploads` reads the body within its limit
 uploaded files; :meth:`serving.runtime.ModelRuntime.prepare` decodes them into model input; the
 pixels go to BentoML's adaptive batcher (:func:`serving.bentoml_bridge.find_api_call`), which runs
 :meth:`serving.runtime.ModelRuntime.predict`; the gate writes the JSON answer, the metrics, the
-request log line and the prediction data (:mod:`serving.telemetry`). Every client mistake ends
+request log line and the prediction data (:mod:`serving.telemetry`). ``GET /model`` answers the
+loaded model's lineage (:func:`serving.lineage.model_info`). Every client mistake ends
 as a 4xx JSON :class:`serving.schema.ErrorBody`, and so do 404 and 405 on the service's routes.
 """
 
@@ -24,7 +25,14 @@ from bentoml.exceptions import BentoMLException
 from loguru import logger
 
 from serving.bentoml_bridge import ApiCall, find_api_call
-from serving.schema import EXCHANGE, BadInputError, ErrorBody, Exchange, prediction_body
+from serving.schema import (
+    EXCHANGE,
+    BadInputError,
+    ErrorBody,
+    Exchange,
+    ModelInfo,
+    prediction_body,
+)
 from serving.settings import AuthSettings, ServingConfigError
 from serving.telemetry import REQUEST_LOG, PredictionRecorder, service_metrics
 from serving.uploads import parse_multipart, read_body, select_files
@@ -36,6 +44,8 @@ if TYPE_CHECKING:
 
 #: The gate's routes: their multipart field, and whether the answer is one object.
 ROUTES = {"/predict": ("image", True), "/batch_predict": ("images", False)}
+#: ``GET`` answers the loaded model's lineage (:class:`serving.schema.ModelInfo`).
+MODEL_PATH = "/model"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -65,7 +75,9 @@ class ApiKeyGuard:
                 f"shorter than auth.min_key_length ({settings.min_key_length}) characters"
             )
         self._key = key.encode()
-        self.paths = frozenset(ROUTES) | (_HEALTH_PATHS if settings.protect_health else frozenset())
+        self.paths = frozenset((*ROUTES, MODEL_PATH)) | (
+            _HEALTH_PATHS if settings.protect_health else frozenset()
+        )
         if settings.protect_metrics:
             self.paths |= {"/metrics"}
 
@@ -219,13 +231,32 @@ class UploadGate:
             await send_error(send, error)
         return error
 
+    async def model(self, scope: Scope, send: Send) -> None:
+        """``GET /model``: the lineage the service instance loaded; 405 for other methods."""
+        try:
+            self.guard.check(scope["path"], dict(scope["headers"]))
+            if scope["method"] not in ("GET", "HEAD"):
+                raise BadInputError(
+                    405, "method_not_allowed", f"{MODEL_PATH} takes GET, not {scope['method']}"
+                )
+        except BadInputError as exc:
+            extra = [(b"allow", b"GET")] if exc.status == 405 else None
+            await send_error(send, exc, extra)
+            return
+        lineage: ModelInfo = bentoml.get_current_service().lineage
+        await send_json(send, 200, lineage.model_dump_json().encode())
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Parse and validate the upload, run the API on it (BentoML's batcher), log it.
 
         Without a direct call (see :func:`find_api_call`) the pixels go to BentoML's endpoint.
+        ``GET /model`` is answered here too (:meth:`model`).
         """
         if scope["type"] == "lifespan":
             await self.app(scope, receive, self._report_after_startup(scope, send))
+            return
+        if scope["type"] == "http" and scope.get("path") == MODEL_PATH:
+            await self.model(scope, send)
             return
         route = ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
         if route is None or scope["method"] != "POST":

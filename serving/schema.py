@@ -40,6 +40,24 @@ class ErrorBody(BaseModel):
     kind: str = Field(description="A stable code, e.g. too_many_pixels, not_an_image.")
 
 
+class ModelInfo(BaseModel):
+    """``GET /model``: the loaded model and where it came from in the MLflow registry."""
+
+    registered_model: str | None = Field(description="MLflow registered model name.")
+    version: str | None = Field(description="Registered model version.")
+    alias: str | None = Field(
+        description="Registry alias it was imported through (None: an explicit version)."
+    )
+    run_id: str | None = Field(description="MLflow run that trained it.")
+    bento_tag: str = Field(description="The BentoML model that is loaded (name:version).")
+    imported_at: str = Field(description="When it was imported into the store (ISO 8601, UTC).")
+    git_commit: str | None = Field(None, description="The code's commit at training time.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="The training run's final metrics."
+    )
+    class_names: list[str] = Field(default_factory=list, description="Output classes, in order.")
+
+
 class BadInputError(Exception):
     """A client mistake: answered with ``status`` and an :class:`ErrorBody`."""
 

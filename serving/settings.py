@@ -123,7 +123,18 @@ class AuthSettings(_Strict):
 class ServingSettings(_Strict):
     """Everything ``service.py`` reads from ``configs/serving.yaml``."""
 
-    model_tag: str
+    model_name: str = Field(
+        "fashion-classifier", description="BentoML model name (export.bento_model_name)."
+    )
+    model_alias: str = Field(
+        "champion",
+        description="Serve the store's current import of this registry alias "
+        "(python -m train import through models:/<name>@<alias>).",
+    )
+    model_tag: str | None = Field(
+        None,
+        description="Pin an explicit BentoML model (name:version) instead of the alias's import.",
+    )
     workers: int = Field(ge=1)
     threads: int = Field(ge=1)
     onnx_intra_op_threads: int = Field(ge=1)
@@ -138,7 +149,8 @@ class ServingSettings(_Strict):
         "onnx", description="onnx (the product) or torch (eager, for benchmarks; needs torch)."
     )
     torch_model_path: Path | None = Field(
-        None, description="A torch.save'd nn.Module, the same model as model_tag (backend torch)."
+        None,
+        description="A torch.save'd nn.Module, the same model as the served one (backend torch).",
     )
     inline_infer_max_images: int = Field(
         0,

@@ -20,6 +20,7 @@ import pytest
 from common.settings import SettingsError
 from scripts import container
 from scripts.container import ContainerError, ContainerSettings
+from serving import launch
 
 FAKE_ENGINE = """#!/bin/sh
 # Records its arguments; `image inspect` finds nothing, `run -d` prints an id, `info` works.
@@ -260,7 +261,7 @@ def test_base_with_another_python_is_not_tagged(
 
 
 def test_model_preflight_says_how_to_get_a_model() -> None:
-    missing = Recorder({container.bentoml_cli(): done(1)})
+    missing = Recorder({launch.bentoml_cli(): done(1)})
     with pytest.raises(ContainerError, match=r"not in the BentoML store /x.*make import"):
         container.model_preflight("fashion-classifier:latest", {"BENTOML_HOME": "/x"}, missing)
     container.model_preflight("fashion-classifier:latest", {}, Recorder({}))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +13,14 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from bentoml._internal.models.model import ModelStore
 from mlflow.tracking import MlflowClient
 from numpy.typing import NDArray
 from torch import nn
 
 from common.model_format import ONNX_FILE
 from common.preprocess import PreprocessSpec, to_model_input
+from serving.bentoml_bridge import model_store_at
+from serving.lineage import choose_served
 from tests.conftest import MakeSettings
 from train import export, tracking
 from train.config import ExportConfig, ModelConfig
@@ -39,6 +40,7 @@ SPEC = PreprocessSpec()
 LINEAGE: dict[str, Any] = {
     "registered_name": "fashion-classifier",
     "version": "7",
+    "alias": "champion",
     "run_id": "abc123",
     "metrics": {"val_accuracy": 0.91},
     "git_commit": "deadbeef",
@@ -57,11 +59,18 @@ def pixel_batch(count: int = 8, seed: int = 0) -> NDArray[np.float32]:
 
 
 def stored_models(home: Path) -> list[bentoml.Model]:
-    store = ModelStore(str(home / "models"))
-    try:
-        return list(store.list("fashion-classifier"))
-    except bentoml.exceptions.NotFound:
-        return []
+    with model_store_at(home):
+        try:
+            return list(bentoml.models.list("fashion-classifier"))
+        except bentoml.exceptions.NotFound:
+            return []
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Path]:
+    """BentoML's store is ``tmp_path``'s for the test (what ``BENTOML_HOME`` does for a process)."""
+    with model_store_at(tmp_path):
+        yield tmp_path
 
 
 def metadata_of(stored: bentoml.Model) -> dict[str, Any]:
@@ -104,15 +113,15 @@ def test_parity_refuses_another_shape_or_nan(tmp_path: Path) -> None:
         check_parity(broken, path, pixel_batch(), atol=1e-4)
 
 
-def test_import_stores_onnx_metadata_and_lineage(tmp_path: Path) -> None:
-    cfg = ExportConfig(bentoml_home=tmp_path)
-    tag = import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
-    (stored,) = stored_models(tmp_path)
+def test_import_stores_onnx_metadata_and_lineage(store: Path) -> None:
+    tag = import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), ExportConfig())
+    (stored,) = stored_models(store)
     assert stored.tag == tag
     assert Path(stored.path_of(ONNX_FILE)).is_file()
     assert stored.info.labels == {
         "registered_model": "fashion-classifier",
         "registered_version": "7",
+        "alias": "champion",
         "run_id": "abc123",
         "git_commit": "deadbeef",
     }
@@ -120,25 +129,62 @@ def test_import_stores_onnx_metadata_and_lineage(tmp_path: Path) -> None:
     assert metadata["class_names"] == CLASSES
     assert PreprocessSpec.model_validate(metadata["preprocess"]) == SPEC
     assert metadata["lineage"]["metrics"] == {"val_accuracy": 0.91}
+    assert metadata["lineage"]["alias"] == "champion"
     assert metadata["onnx"]["parity_max_abs_diff"] <= 1e-4
     served = onnx_logits(Path(stored.path_of(ONNX_FILE)), pixel_batch())
     assert served.shape == (8, len(CLASSES))
 
 
-def test_importing_the_same_version_twice_keeps_one_model(tmp_path: Path) -> None:
-    cfg = ExportConfig(bentoml_home=tmp_path)
+def test_importing_the_alias_current_version_again_keeps_one_model(store: Path) -> None:
+    cfg = ExportConfig()
     first = import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
     again = import_to_bento(tiny_model(seed=3), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
     assert again == first
-    assert len(stored_models(tmp_path)) == 1
+    assert len(stored_models(store)) == 1
     newer = import_to_bento(
         tiny_model(), CLASSES, SPEC, {**LINEAGE, "version": "8"}, pixel_batch(), cfg
     )
     assert newer != first
-    assert len(stored_models(tmp_path)) == 2
+    assert len(stored_models(store)) == 2
 
 
-def test_parity_failure_stores_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rolling_back_saves_a_fresh_copy_that_becomes_the_served_entry(store: Path) -> None:
+    """v7, then v8, then v7 again through @champion: a new entry of v7, newest of the alias."""
+    cfg = ExportConfig()
+    v7 = import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
+    v8 = import_to_bento(
+        tiny_model(seed=1), CLASSES, SPEC, {**LINEAGE, "version": "8"}, pixel_batch(), cfg
+    )
+    assert choose_served(stored_models(store), "fashion-classifier", "champion") == str(v8)
+    # The model argument is ignored: the stored graph of v7 is copied, not exported again.
+    back = import_to_bento(tiny_model(seed=9), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
+    assert back not in (v7, v8)
+    entries = {str(m.tag): m for m in stored_models(store)}
+    assert set(entries) == {str(v7), str(v8), str(back)}  # nothing stored is lost
+    assert choose_served(entries.values(), "fashion-classifier", "champion") == str(back)
+    copy, original = entries[str(back)], entries[str(v7)]
+    assert copy.info.labels == original.info.labels
+    assert metadata_of(copy)["lineage"]["reimported_from"] == str(v7)
+
+    assert (
+        Path(copy.path_of(ONNX_FILE)).read_bytes() == Path(original.path_of(ONNX_FILE)).read_bytes()
+    )
+    # Importing v7 once more is a no-op: it already is the alias's newest entry.
+    assert import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg) == back
+    assert len(stored_models(store)) == 3
+
+
+def test_an_explicit_version_import_reuses_any_entry_and_is_not_served(store: Path) -> None:
+    cfg = ExportConfig()
+    pinned = {**LINEAGE, "alias": None, "version": "3"}
+    first = import_to_bento(tiny_model(), CLASSES, SPEC, pinned, pixel_batch(), cfg)
+    assert "alias" not in stored_models(store)[0].info.labels
+    champion = import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
+    assert import_to_bento(tiny_model(), CLASSES, SPEC, pinned, pixel_batch(), cfg) == first
+    assert choose_served(stored_models(store), "fashion-classifier", "champion") == str(champion)
+
+
+def test_parity_failure_stores_nothing(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_export: Callable[..., Path] = export.export_onnx
 
     def export_other_weights(
@@ -147,30 +193,24 @@ def test_parity_failure_stores_nothing(tmp_path: Path, monkeypatch: pytest.Monke
         return real_export(tiny_model(seed=5), spec, path, opset)
 
     monkeypatch.setattr(export, "export_onnx", export_other_weights)
-    cfg = ExportConfig(bentoml_home=tmp_path)
     with pytest.raises(ExportError, match="nothing was imported"):
-        import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
-    assert stored_models(tmp_path) == []
+        import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), ExportConfig())
+    assert stored_models(store) == []
 
 
-def test_import_needs_a_registered_name_and_version(tmp_path: Path) -> None:
+def test_import_needs_a_registered_name_and_version(store: Path) -> None:
     with pytest.raises(ExportError, match="lineage lacks version"):
         import_to_bento(
-            tiny_model(),
-            CLASSES,
-            SPEC,
-            {"registered_name": "x"},
-            pixel_batch(),
-            ExportConfig(bentoml_home=tmp_path),
+            tiny_model(), CLASSES, SPEC, {"registered_name": "x"}, pixel_batch(), ExportConfig()
         )
 
 
-def test_default_store_is_bentomls_own(tmp_path: Path) -> None:
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    own = ModelStore(str(tmp_path))
-    with BentoMLContainer.model_store.patch(own):
-        assert export.model_store(ExportConfig()) is own
+def test_export_uses_only_public_bentoml_names() -> None:
+    """The store is the one BentoML resolves (BENTOML_HOME); no private BentoML API."""
+    source = Path(export.__file__).read_text()
+    for private in ("bentoml._internal", "_model_store", "BentoMLContainer", "_bentoml_"):
+        assert private not in source, private
+    assert "bentoml_home" not in ExportConfig.model_fields
 
 
 def test_parity_input_prefers_test_images(make_settings: MakeSettings) -> None:
@@ -207,7 +247,7 @@ def test_git_commit_or_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_import_champion_from_the_registry(make_settings: MakeSettings, tmp_path: Path) -> None:
-    settings = make_settings(f'export.bentoml_home="{tmp_path / "bento"}"', "export.parity_batch=8")
+    settings = make_settings("export.parity_batch=8")
     experiment = tracking.connect(settings.tracking)
     model = tiny_model()
     with mlflow.start_run(experiment_id=experiment) as run:
@@ -217,8 +257,11 @@ def test_import_champion_from_the_registry(make_settings: MakeSettings, tmp_path
     version = mlflow.register_model(uri, name).version
     MlflowClient().set_registered_model_alias(name, settings.registry.champion_alias, version)
 
-    tag = import_champion(settings)
+    with model_store_at(tmp_path / "bento"):
+        tag = import_champion(settings)
     (stored,) = stored_models(tmp_path / "bento")
+    assert stored.info.labels["alias"] == "champion"
+    assert stored.info.labels["registered_version"] == str(version)
     assert stored.tag == tag
     lineage = metadata_of(stored)["lineage"]
     assert lineage["registered_name"] == name
@@ -228,16 +271,17 @@ def test_import_champion_from_the_registry(make_settings: MakeSettings, tmp_path
     assert lineage["git_commit"]
     assert metadata_of(stored)["class_names"] == CLASSES
 
-    assert import_champion(settings) == tag
-    assert import_champion(settings, f"models:/{name}/{version}") == tag
-    assert len(stored_models(tmp_path / "bento")) == 1
+    with model_store_at(tmp_path / "bento"):
+        assert import_champion(settings) == tag
+        assert import_champion(settings, f"models:/{name}/{version}") == tag
+        assert len(stored_models(tmp_path / "bento")) == 1
 
-    with pytest.raises(ExportError, match="not a registered model"):
-        import_champion(settings, f"runs:/{run.info.run_id}/model")
-    with pytest.raises(ExportError, match="cannot resolve"):
-        import_champion(settings, f"models:/{name}@nobody")
-    with pytest.raises(ExportError, match="cannot load"):
-        import_champion(settings, f"models:/{name}/99")
+        with pytest.raises(ExportError, match="not a registered model"):
+            import_champion(settings, f"runs:/{run.info.run_id}/model")
+        with pytest.raises(ExportError, match="cannot resolve"):
+            import_champion(settings, f"models:/{name}@nobody")
+        with pytest.raises(ExportError, match="cannot load"):
+            import_champion(settings, f"models:/{name}/99")
 
 
 # --------------------------------------------------------------------------- monitoring reference
@@ -246,8 +290,6 @@ def test_import_champion_from_the_registry(make_settings: MakeSettings, tmp_path
 def test_reference_is_stored_with_the_model_and_can_be_added_later(
     make_settings: MakeSettings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
     from common.drift import Reference
     from common.model_format import REFERENCE_FILE
     from train.__main__ import main
@@ -255,13 +297,14 @@ def test_reference_is_stored_with_the_model_and_can_be_added_later(
     from train.monitoring import stored_reference
 
     home = tmp_path / "bento"
-    settings = make_settings(f'export.bentoml_home="{home}"', "export.reference_sample=10")
+    settings = make_settings("export.reference_sample=10")
     classes = list(FASHION_MNIST_CLASSES)
     data = export.reference_input(settings, SPEC, len(classes))
     assert data is not None and len(data.labels) == 10  # round(10 % of 12) per class
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="simple_cnn", width=4), SPEC, num_classes=10)
-    tag = import_to_bento(model, classes, SPEC, LINEAGE, pixel_batch(), settings.export, data)
+    with model_store_at(home):
+        tag = import_to_bento(model, classes, SPEC, LINEAGE, pixel_batch(), settings.export, data)
     (stored,) = stored_models(home)
     path = Path(stored.path_of(REFERENCE_FILE))
     reference = Reference.load(path)
@@ -278,12 +321,13 @@ def test_reference_is_stored_with_the_model_and_can_be_added_later(
     assert list(reference.class_mix.values()) == pytest.approx(counts.tolist(), abs=1e-5)
 
     path.unlink()
-    assert export.attach_reference(settings, str(tag)) == path
-    assert Reference.load(path) == reference
-    path.unlink()
-    assert main(["reference", f'export.bentoml_home="{home}"', *_data_args(settings)]) == 0
-    assert f"wrote {path}" in capsys.readouterr().out
-    with BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))):
+    with model_store_at(home):
+        assert export.attach_reference(settings, str(tag)) == path
+        assert Reference.load(path) == reference
+        path.unlink()
+        # Without --model-tag: the served model (the current import of @champion).
+        assert main(["reference", *_data_args(settings)]) == 0
+        assert f"wrote {path}" in capsys.readouterr().out
         assert stored_reference(str(tag)) == reference
         assert stored_reference("fashion-classifier:nope") is None
 
@@ -300,8 +344,10 @@ def _data_args(settings: Any) -> list[str]:
     ]
 
 
-def test_no_reference_without_fitting_data(make_settings: MakeSettings, tmp_path: Path) -> None:
-    settings = make_settings(f'export.bentoml_home="{tmp_path / "bento"}"')
+def test_no_reference_without_fitting_data(
+    make_settings: MakeSettings, tmp_path: Path, store: Path
+) -> None:
+    settings = make_settings()
     assert export.reference_input(settings, SPEC, num_classes=3) is None  # 10 classes in the data
     assert export.reference_input(settings, SPEC.model_copy(update={"image_size": 32}), 10) is None
     missing = make_settings(f'data.path="{tmp_path / "nowhere"}"')
@@ -310,7 +356,7 @@ def test_no_reference_without_fitting_data(make_settings: MakeSettings, tmp_path
     with pytest.raises(ExportError, match="no such model"):
         export.attach_reference(settings, "fashion-classifier:nope")
     import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), settings.export)
-    (stored,) = stored_models(tmp_path / "bento")
+    (stored,) = stored_models(store)
     assert not Path(stored.path_of("reference.json")).exists()
     with pytest.raises(ExportError, match="no validation images"):
         export.attach_reference(settings)  # 3 classes, the data has 10

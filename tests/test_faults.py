@@ -38,6 +38,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from common.preprocess import prepare_image, softmax, to_model_input
+from serving.bentoml_bridge import model_store_at
 from tests.serving_helpers import (
     TINY_SPEC,
     bentoml_serve,
@@ -210,12 +211,12 @@ def test_a_worker_killed_under_load_is_replaced_and_answers_continue(tmp_path: P
 def test_unreachable_tracking_server_registers_and_imports_nothing(
     make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    settings = make_settings(f"export.bentoml_home={tmp_path / 'bentoml'}")
+    settings = make_settings()
     _logged_run(settings, 0.95, width=4)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(TrackingError, match="unreachable"):
         promote(settings)
-    with pytest.raises(TrackingError, match="unreachable"):
+    with model_store_at(tmp_path / "bentoml"), pytest.raises(TrackingError, match="unreachable"):
         import_champion(settings)
     assert not list((tmp_path / "bentoml").glob("models/*/*"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI")

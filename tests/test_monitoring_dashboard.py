@@ -26,6 +26,7 @@ from common.alerts import load_alert_settings
 from common.drift import Reference
 from common.model_format import REFERENCE_FILE
 from common.preprocess import PreprocessSpec, to_model_input
+from serving.bentoml_bridge import model_store_at
 from tests.conftest import MakeFmnist, MakeSettings
 from tests.serving_helpers import bentoml_serve
 from tests.test_notebooks import _execute, _image_count, _outputs
@@ -89,16 +90,22 @@ def test_drift_raises_the_alert_and_the_dashboard_shows_it(
     home = tmp_path / "bentoml"
     rng = np.random.default_rng(0)
     parity = to_model_input(list(rng.integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)))
-    lineage = {"registered_name": "fashion-classifier", "version": "1", "run_id": "r1"}
-    tag = import_to_bento(
-        model,
-        list(FASHION_MNIST_CLASSES),
-        SPEC,
-        lineage,
-        parity,
-        settings.export.model_copy(update={"bentoml_home": home}),
-        reference_data,
-    )
+    lineage = {
+        "registered_name": "fashion-classifier",
+        "version": "1",
+        "alias": "champion",
+        "run_id": "r1",
+    }
+    with model_store_at(home):
+        tag = import_to_bento(
+            model,
+            list(FASHION_MNIST_CLASSES),
+            SPEC,
+            lineage,
+            parity,
+            settings.export,
+            reference_data,
+        )
     model_dir = home / "models" / tag.name / str(tag.version)
     reference_file = model_dir / REFERENCE_FILE
     reference = Reference.load(reference_file)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import mlflow
@@ -12,9 +13,10 @@ from mlflow.tracking import MlflowClient
 
 from common.preprocess import PreprocessSpec
 from train import tracking
+from train.__main__ import main
 from train.config import ModelConfig, Settings
 from train.models import build_model
-from train.registry import PromotionError, candidates, promote
+from train.registry import PromotionError, candidates, promote, promote_version
 
 MakeSettings = Callable[..., Settings]
 
@@ -53,11 +55,14 @@ def test_promote_picks_best_sets_aliases_and_is_idempotent(make_settings: MakeSe
     name = settings.tracking.registered_model_name
     assert client.get_model_version_by_alias(name, "champion").run_id == best
     assert client.get_model_version_by_alias(name, "challenger").run_id == low
-    assert "was version none" in first.describe("champion")
+    assert first.describe("champion").startswith(
+        f"{name}@champion: version none -> {first.champion_version} (run {best}, "
+        "best_val_accuracy 0.9500)"
+    )
 
     again = promote(settings)
     assert again.champion_version == first.champion_version
-    assert "unchanged" in again.describe("champion")
+    assert f"version {first.champion_version} (unchanged)" in again.describe("champion")
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
 
 
@@ -79,7 +84,9 @@ def test_a_new_best_moves_the_champion(make_settings: MakeSettings) -> None:
     assert after.champion_run == newer
     assert after.previous_champion_version == before.champion_version
     assert after.challenger_version == before.champion_version
-    assert f"was version {before.champion_version}" in after.describe("champion")
+    assert f"version {before.champion_version} -> {after.champion_version}" in after.describe(
+        "champion"
+    )
 
 
 def test_floor_refuses_and_leaves_the_registry_alone(make_settings: MakeSettings) -> None:
@@ -94,3 +101,51 @@ def test_floor_refuses_and_leaves_the_registry_alone(make_settings: MakeSettings
 def test_nothing_to_promote(make_settings: MakeSettings) -> None:
     with pytest.raises(PromotionError, match="no finished run"):
         promote(make_settings())
+
+
+def test_promote_version_rolls_the_champion_back(make_settings: MakeSettings) -> None:
+    settings = make_settings()
+    old = _logged_run(settings, 0.90, width=4)
+    first = promote(settings)
+    new = _logged_run(settings, 0.97, width=4)
+    second = promote(settings)
+    assert (first.champion_version, second.champion_version) == ("1", "2")
+    client = MlflowClient()
+    name = settings.tracking.registered_model_name
+
+    back = promote_version(settings, "1")
+    assert client.get_model_version_by_alias(name, "champion").run_id == old
+    assert back.describe("champion") == (
+        f"{name}@champion: version 2 -> 1 (run {old}, best_val_accuracy 0.9000)"
+    )
+    # The challenger is left alone; the floor does not apply to a chosen version.
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
+    assert promote_version(settings, "2").champion_run == new
+    assert "version 2 (unchanged)" in promote_version(settings, "2").describe("champion")
+
+
+def test_promote_version_through_the_cli(
+    make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_settings()
+    _logged_run(settings, 0.90, width=4)
+    _logged_run(settings, 0.97, width=4)
+    args = [f"tracking.store_dir={json.dumps(str(settings.tracking.store_dir))}"]
+    assert main(["promote", *args]) == 0  # best -> version 1, runner-up -> version 2
+    assert "@champion: version none -> 1" in capsys.readouterr().out
+    assert main(["promote", "--version", "2", *args]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"{settings.tracking.registered_model_name}@champion: version 1 -> 2 "
+        f"(run {MlflowClient().get_model_version(settings.tracking.registered_model_name, '2').run_id}, "
+        "best_val_accuracy 0.9000)"
+    )
+    for unknown in ("7", "two"):
+        assert main(["promote", "--version", unknown, *args]) == 2
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert len(err.strip().splitlines()) == 1
+        assert err.startswith("error: ")
+        assert "registered: 1, 2" in err or "not 'two'" in err
+    client = MlflowClient()
+    name = settings.tracking.registered_model_name
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"

@@ -18,6 +18,7 @@ from PIL import Image
 import service
 from common.preprocess import prepare_image, to_model_input
 from serving import runtime as runtime_module
+from serving.lineage import served_tag
 from serving.runtime import ModelRuntime
 from serving.schema import (
     BadInputError,
@@ -62,7 +63,7 @@ def test_torch_backend_matches_onnx(
 ) -> None:
     module_path = tmp_path / "module.pt"
     torch.save(tiny_model, module_path)
-    stored = bentoml.models.get(service.SETTINGS.model_tag)
+    stored = bentoml.models.get(served_tag(service.SETTINGS))
     settings = service.SETTINGS.model_copy(
         update={"backend": "torch", "torch_model_path": module_path}
     )

@@ -143,14 +143,11 @@ def test_request_timeout_and_limits_come_from_the_config() -> None:
     assert 0 < limits.max_images_per_batch <= 256
 
 
-def test_the_only_model_is_the_configured_tag_from_the_bentoml_store() -> None:
+def test_the_only_model_is_the_configured_one_from_the_bentoml_store() -> None:
     """No endpoint or setting loads a model from elsewhere (a path, a URL, a pickle)."""
     settings = load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
     models = service.Classifier.models  # type: ignore[attr-defined]
-    name, _, version = settings.model_tag.partition(":")
-    assert [(type(m).__name__, m.tag.name) for m in models] == [("BentoModel", name)]
-    # "latest" is resolved to a concrete version once a store holding the model has been read.
-    assert version == "latest" or str(models[0].tag) == settings.model_tag
+    assert [(type(m).__name__, m.tag.name) for m in models] == [("BentoModel", settings.model_name)]
     routes = set(service.Classifier.apis)  # type: ignore[attr-defined]
     assert routes == {"predict", "batch_predict"}
 

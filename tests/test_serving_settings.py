@@ -47,7 +47,11 @@ def test_malloc_arena_cap_reaches_the_worker_environment(
 
 def test_settings_file_and_env_overrides(tmp_path: Path) -> None:
     default = load_serving_settings(ROOT / "configs" / "serving.yaml", environ={})
-    assert default.model_tag == "fashion-classifier:latest"
+    assert (default.model_name, default.model_alias, default.model_tag) == (
+        "fashion-classifier",
+        "champion",
+        None,
+    )
     env = {
         "FASHION_SERVE_SERVING__PREDICT__MAX_BATCH_SIZE": "8",
         "FASHION_SERVE_SERVING__MODEL_TAG": "other:v1",

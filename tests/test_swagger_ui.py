@@ -27,6 +27,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import bentoml
 import numpy as np
 import pytest
 from PIL import Image
@@ -39,13 +40,13 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
 import service
+from serving.bentoml_bridge import model_store_at
+from serving.lineage import served_tag
 from tests.conftest import fmnist_pattern
 from tests.serving_fixtures import bento_home as bento_home  # the shared fixture
 from tests.serving_fixtures import tiny_model as tiny_model  # bento_home needs it
 from tests.serving_helpers import TINY_CLASSES as CLASSES
 from tests.serving_helpers import bentoml_serve
-from train.config import ExportConfig
-from train.export import model_store
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -59,7 +60,8 @@ pytestmark = pytest.mark.slow
 
 def stored_class_names(home: Path) -> list[str]:
     """Class names of the model ``service.py`` serves from BentoML home ``home``."""
-    stored = model_store(ExportConfig(bentoml_home=home)).get(service.SETTINGS.model_tag)
+    with model_store_at(home):
+        stored = bentoml.models.get(served_tag(service.SETTINGS))
     names = stored.info.metadata["class_names"]
     assert isinstance(names, list), names
     return [str(name) for name in names]

@@ -19,16 +19,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import bentoml
 import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from common.model_format import LABEL_ALIAS, LABEL_NAME
+from serving.bentoml_bridge import model_store_at
 from tests.serving_helpers import bentoml_serve
 from train.__main__ import main
-from train.config import ExportConfig, load_settings
-from train.export import LABEL_NAME, model_store
+from train.config import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "user-guide.md"
@@ -132,39 +134,40 @@ def test_user_guide_end_to_end(
         f"data.stats_path={json.dumps(str(tmp_path / 'stats.json'))}",
         f"tracking.store_dir={json.dumps(str(tmp_path / 'mlflow'))}",
         f"train.checkpoint_dir={json.dumps(str(tmp_path / 'checkpoints'))}",
-        f"export.bentoml_home={json.dumps(str(home))}",
         "train.progress=false",
     ]
     train_commands = [w[3:] for w in commands if w[:3] == [PYTHON, "-m", "train"]]
     assert [c[0] for c in train_commands] == ["data", "fit", "sweep", "promote", "import"]
     outputs: dict[str, str] = {}
     for argv in train_commands:
-        status = main([*argv, *isolated])
+        with model_store_at(home):  # what BENTOML_HOME=<home> does for a fresh process
+            status = main([*argv, *isolated])
         captured = capsys.readouterr()
         assert status == 0, f"{argv}: {captured.err[-2000:]}"
         outputs[argv[0]] = captured.out
     assert "36 images, 3 classes" in outputs["data"]
     assert re.search(r"val_accuracy=\d\.\d{4} test_accuracy=", outputs["fit"])
     assert len(re.findall(r"val_accuracy=", outputs["sweep"])) == 2
-    assert "shapes-classifier@champion -> version 1" in outputs["promote"]
+    assert "shapes-classifier@champion: version none -> 1" in outputs["promote"]
     assert "imported shapes-classifier:" in outputs["import"]
 
     # The BentoML model carries the shapes classes; the Fashion-MNIST names were never touched.
-    stored = model_store(ExportConfig(bentoml_home=home)).get("shapes-classifier:latest")
+    with model_store_at(home):
+        stored = bentoml.models.get("shapes-classifier:latest")
+        names = [m.tag.name for m in bentoml.models.list()]
     assert stored.info.metadata["class_names"] == SHAPES
     preprocess: Any = stored.info.metadata["preprocess"]
     assert (preprocess["image_size"], preprocess["channels"]) == (32, 1)
     assert stored.info.labels[LABEL_NAME] == "shapes-classifier"
-    assert [m.tag.name for m in model_store(ExportConfig(bentoml_home=home)).list()] == [
-        "shapes-classifier"
-    ]
+    assert stored.info.labels[LABEL_ALIAS] == "champion"
+    assert names == ["shapes-classifier"]
     registered = {m.name for m in MlflowClient().search_registered_models()}
     assert registered == {"shapes-classifier"}
 
     # make serve → bentoml serve with the guide's environment; then the guide's curl and Python.
     [serve] = [w for w in commands if w[-2:] == ["make", "serve"]]
     serve_env, _ = split_env(serve)
-    assert serve_env == {"FASHION_SERVE_SERVING__MODEL_TAG": "shapes-classifier:latest"}
+    assert serve_env == {"FASHION_SERVE_SERVING__MODEL_NAME": "shapes-classifier"}
     env = {
         **os.environ,
         **serve_env,

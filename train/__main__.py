@@ -44,12 +44,17 @@ def _parser() -> argparse.ArgumentParser:
     command("sweep", "run the hyper-parameter sweep in configs/sweep.yaml")
     evaluate = command("evaluate", "evaluate a logged or registered model on the test set")
     evaluate.add_argument("--model-uri", default=None, help="default: models:/<name>@champion")
-    command("promote", "register the best run and set the champion/challenger aliases")
+    promote = command("promote", "register the best run and set the champion/challenger aliases")
+    promote.add_argument(
+        "--version",
+        default=None,
+        help="point the champion at this registered version instead (e.g. a rollback)",
+    )
     command("report", "print the model table (best run per architecture) and update README.md")
     imp = command("import", "export the champion to ONNX and save it in the BentoML store")
     imp.add_argument("--model-uri", default=None, help="default: models:/<name>@champion")
     ref = command("reference", "add the monitoring reference.json to a model in the BentoML store")
-    ref.add_argument("--model-tag", default=None, help="default: <export.bento_model_name>:latest")
+    ref.add_argument("--model-tag", default=None, help="default: the served model (serving.yaml)")
     alerts = sub.add_parser(
         "alerts", help="evaluate configs/alerts.yaml over the service logs; exit 1 if one fires"
     )
@@ -172,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             metrics = run_evaluate(settings, args.model_uri or champion)
             print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         elif args.command == "promote":
-            from train.registry import promote
+            from train.registry import promote, promote_version
 
-            print(promote(settings).describe(settings.registry.champion_alias))
+            promotion = (
+                promote(settings)
+                if args.version is None
+                else promote_version(settings, args.version)
+            )
+            print(promotion.describe(settings.registry.champion_alias))
         elif args.command == "report":
             from train.report import model_table, update_readme
 

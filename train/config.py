@@ -147,7 +147,6 @@ class ExportConfig(_Section):
     opset: int = Field(17, ge=17)
     parity_atol: float = Field(1e-4, gt=0.0)
     parity_batch: int = Field(64, ge=1)
-    bentoml_home: Path | None = Field(None, description="None = BENTOML_HOME or ~/bentoml.")
     reference_images: int = Field(
         5000, ge=1, description="Validation images behind the monitoring reference distribution."
     )

@@ -5,16 +5,22 @@ TorchScript exporter, ``dynamo=False``, dynamic batch axis), checks that ONNX Ru
 torch on a real batch, and only then creates a BentoML model holding ``model.onnx``, the class
 names, the preprocessing spec and the lineage (registered name, version, run id, the run's
 metrics, and the git commit: the run's ``mlflow.source.git.commit`` tag, else ``git rev-parse
-HEAD``). Importing a version that is already in the store returns the stored model.
+HEAD``).
 
 With validation images at hand, the model folder also gets ``reference.json``: the ONNX model's
 predictions (class mix, confidence, top-2 margin) and image statistics on the validation split,
 the reference that monitoring compares live traffic with (:mod:`train.monitoring`).
 ``python -m train reference`` adds it to a model imported without one.
 
-The BentoML store is ``export.bentoml_home`` when set (an explicit store object is passed to
-BentoML, so nothing global changes), otherwise BentoML's own: ``$BENTOML_HOME`` or ``~/bentoml``.
-``bentoml serve`` must then run with ``BENTOML_HOME`` pointing at the same folder.
+Every entry is labelled with where it came from (``registered_model``, ``registered_version``,
+``alias``, ``run_id``, ``git_commit``) and the service serves the newest entry of its configured
+alias (:mod:`serving.lineage`). So an import reuses an existing entry only when it already is the
+alias's newest one for that version; otherwise it saves a fresh entry (a new BentoML version), a
+copy of an entry already stored for that registered version when there is one (no re-export), so
+``promote --version N`` then ``import`` rolls the served model back. Nothing stored is deleted.
+
+The store is the one BentoML resolves itself (public API only): ``$BENTOML_HOME/models``, default
+``~/bentoml``; ``bentoml serve`` must run with the same ``BENTOML_HOME``.
 """
 
 from __future__ import annotations
@@ -34,21 +40,26 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from bentoml._internal.configuration.containers import BentoMLContainer
-from bentoml._internal.models.model import ModelStore
 from bentoml.exceptions import NotFound
 from loguru import logger
 from numpy.typing import NDArray
 from torch import nn
 
 from common.drift import Reference, build_reference
-from common.model_format import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, REFERENCE_FILE
+from common.model_format import (
+    INPUT_NAME,
+    LABEL_ALIAS,
+    LABEL_COMMIT,
+    LABEL_NAME,
+    LABEL_RUN,
+    LABEL_VERSION,
+    ONNX_FILE,
+    OUTPUT_NAME,
+    REFERENCE_FILE,
+)
 from common.preprocess import PreprocessSpec, softmax, to_model_input
-from train.config import PROJECT_ROOT, ExportConfig, Settings, resolve_path
-
-#: Label keys that identify a registered model version in the BentoML store.
-LABEL_NAME = "registered_model"
-LABEL_VERSION = "registered_version"
+from serving.lineage import newest_for_alias, store_entries
+from train.config import PROJECT_ROOT, ExportConfig, Settings
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -141,26 +152,95 @@ def check_parity(
     return diff
 
 
-def model_store(cfg: ExportConfig) -> ModelStore:
-    """The BentoML model store for ``cfg``: ``bentoml_home/models`` if set, else BentoML's own."""
-    if cfg.bentoml_home is None:
-        return BentoMLContainer.model_store.get()
-    models = resolve_path(cfg.bentoml_home) / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    return ModelStore(str(models))
+def find_imported(
+    name: str, version: str, cfg: ExportConfig, alias: str | None = None
+) -> bentoml.Tag | None:
+    """A stored entry imported from registered ``name`` version ``version`` that can be reused.
 
-
-def find_imported(name: str, version: str, cfg: ExportConfig) -> bentoml.Tag | None:
-    """The tag of a stored model imported from registered ``name`` version ``version``, if any."""
-    try:
-        stored_models = bentoml.models.list(cfg.bento_model_name, _model_store=model_store(cfg))
-    except NotFound:
-        return None
-    for stored in stored_models:
+    With ``alias``, only the alias's newest entry counts (reusing an older one would leave another
+    version served); without, any entry of that version.
+    """
+    entries = store_entries(cfg.bento_model_name)
+    if alias:
+        newest = newest_for_alias(entries, alias)
+        candidates = [] if newest is None else [newest]
+    else:
+        candidates = entries
+    for stored in candidates:
         labels = stored.info.labels
         if labels.get(LABEL_NAME) == name and labels.get(LABEL_VERSION) == version:
             return stored.tag
     return None
+
+
+def stored_version(name: str, version: str, cfg: ExportConfig) -> bentoml.Model | None:
+    """The newest entry of any alias imported from registered ``name`` version ``version``."""
+    matching = [
+        m
+        for m in store_entries(cfg.bento_model_name)
+        if m.info.labels.get(LABEL_NAME) == name and m.info.labels.get(LABEL_VERSION) == version
+    ]
+    return max(matching, key=lambda m: m.creation_time, default=None)
+
+
+def without_none(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without its ``None`` entries (BentoML metadata takes no ``None``)."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def lineage_labels(lineage: dict[str, Any]) -> dict[str, str]:
+    """The BentoML labels of an import (``alias`` only when imported through one)."""
+    labels = {
+        LABEL_NAME: str(lineage["registered_name"]),
+        LABEL_VERSION: str(lineage["version"]),
+        LABEL_RUN: str(lineage.get("run_id") or ""),
+        LABEL_COMMIT: str(lineage.get("git_commit") or "unknown"),
+    }
+    if lineage.get("alias"):
+        labels[LABEL_ALIAS] = str(lineage["alias"])
+    return labels
+
+
+def reimport(stored: bentoml.Model, alias: str | None, cfg: ExportConfig) -> bentoml.Tag:
+    """Save a fresh entry with ``stored``'s files, labelled as imported through ``alias`` now.
+
+    The ONNX graph and reference are the very bytes checked (parity) at the first import.
+    """
+    metadata = dict(stored.info.metadata)
+    lineage = {**cast(dict[str, Any], metadata.get("lineage") or {}), "alias": alias}
+    lineage["reimported_from"] = str(stored.tag)
+    metadata["lineage"] = without_none(lineage)
+    labels = {k: v for k, v in stored.info.labels.items() if k != LABEL_ALIAS}
+    if alias:
+        labels[LABEL_ALIAS] = alias
+    with bentoml.models.create(
+        cfg.bento_model_name, labels=labels, metadata=metadata
+    ) as bento_model:
+        for name in (ONNX_FILE, REFERENCE_FILE):
+            source = Path(stored.path_of(name))
+            if source.exists():
+                shutil.copyfile(source, Path(bento_model.path) / name)
+    logger.info(
+        "{} version {} imported again through @{} as {} (copy of {})",
+        labels[LABEL_NAME],
+        labels[LABEL_VERSION],
+        alias,
+        bento_model.tag,
+        stored.tag,
+    )
+    return bento_model.tag
+
+
+def reuse_or_copy(
+    name: str, version: str, alias: str | None, cfg: ExportConfig
+) -> bentoml.Tag | None:
+    """The entry to serve for an import that needs no export: reused, or a fresh copy; else None."""
+    existing = find_imported(name, version, cfg, alias)
+    if existing is not None:
+        logger.info("{} version {} is already imported as {}", name, version, existing)
+        return existing
+    earlier = stored_version(name, version, cfg)
+    return None if earlier is None else reimport(earlier, alias, cfg)
 
 
 @dataclass(frozen=True)
@@ -211,14 +291,16 @@ def import_to_bento(
         model: The torch classifier (raw 0..255 pixels in, logits out).
         class_names: Names of the output classes, in logit order.
         spec: The preprocessing spec the model was trained with.
-        lineage: ``registered_name``, ``version``, ``run_id``, ``metrics`` and ``git_commit``.
+        lineage: ``registered_name``, ``version``, ``alias`` (the registry alias it was imported
+            through, if any), ``run_id``, ``metrics`` and ``git_commit``.
         parity_batch: Model input used to compare torch and ONNX Runtime.
         cfg: The export section of the settings.
         reference_data: Validation images for the monitoring reference (``reference.json``);
             without them the model is stored without one.
 
     Returns:
-        The tag of the new model, or of the stored one imported from the same registered version.
+        The tag of the new model; of the stored one when it already is the alias's newest entry
+        for this version; or of a fresh copy of an earlier import of this version.
 
     Raises:
         ExportError: export or parity failed (nothing is stored), or the lineage is incomplete.
@@ -227,9 +309,9 @@ def import_to_bento(
     if missing:
         raise ExportError(f"lineage lacks {', '.join(missing)}")
     name, version = str(lineage["registered_name"]), str(lineage["version"])
-    existing = find_imported(name, version, cfg)
+    alias = str(lineage["alias"]) if lineage.get("alias") else None
+    existing = reuse_or_copy(name, version, alias, cfg)
     if existing is not None:
-        logger.info("{} version {} is already imported as {}", name, version, existing)
         return existing
     with tempfile.TemporaryDirectory(prefix="fashion-export-") as tmp:
         onnx_path = export_onnx(model, spec, Path(tmp) / ONNX_FILE, cfg.opset)
@@ -239,16 +321,13 @@ def import_to_bento(
             if reference_data is None
             else compute_reference(onnx_path, class_names, reference_data, cfg)
         )
-        labels = {
-            LABEL_NAME: name,
-            LABEL_VERSION: version,
-            "run_id": str(lineage.get("run_id", "")),
-            "git_commit": str(lineage.get("git_commit", "unknown")),
-        }
+        labels = lineage_labels(lineage)
         metadata: dict[str, Any] = {
             "class_names": list(class_names),
             "preprocess": spec.model_dump(mode="json"),
-            "lineage": {**lineage, "registered_name": name, "version": version},
+            "lineage": without_none(
+                {**lineage, "registered_name": name, "version": version, "alias": alias}
+            ),
             "onnx": {
                 "file": ONNX_FILE,
                 "input": INPUT_NAME,
@@ -268,13 +347,17 @@ def import_to_bento(
             cfg.bento_model_name,
             labels=labels,
             metadata=metadata,
-            _model_store=model_store(cfg),
         ) as bento_model:
             shutil.copyfile(onnx_path, Path(bento_model.path) / ONNX_FILE)
             if reference is not None:
                 reference.save(Path(bento_model.path) / REFERENCE_FILE)
     logger.info(
-        "imported {} version {} as {} (parity {:.2e})", name, version, bento_model.tag, diff
+        "imported {} version {} via @{} as {} (parity {:.2e})",
+        name,
+        version,
+        alias,
+        bento_model.tag,
+        diff,
     )
     return bento_model.tag
 
@@ -368,8 +451,8 @@ def attach_reference(settings: Settings, tag: str | None = None) -> Path:
     """Compute ``reference.json`` for a model already in the BentoML store (no torch needed).
 
     Args:
-        settings: Data settings (validation split) and export settings (store, sample sizes).
-        tag: The BentoML model; default ``<export.bento_model_name>:latest``.
+        settings: Data settings (validation split) and export settings (sample sizes).
+        tag: The BentoML model; default the served one (:func:`serving.lineage.served_tag`).
 
     Returns:
         The written file.
@@ -377,12 +460,13 @@ def attach_reference(settings: Settings, tag: str | None = None) -> Path:
     Raises:
         ExportError: the model is not in the store or there is no usable validation data.
     """
+    from serving.lineage import ServedModelError, served_tag
+    from serving.settings import load_serving_settings
+
     cfg = settings.export
     try:
-        stored = bentoml.models.get(
-            tag or f"{cfg.bento_model_name}:latest", _model_store=model_store(cfg)
-        )
-    except NotFound as exc:
+        stored = bentoml.models.get(tag or served_tag(load_serving_settings()))
+    except (NotFound, ServedModelError) as exc:
         raise ExportError(f"no such model in the BentoML store: {exc}") from exc
     spec = PreprocessSpec.model_validate(stored.info.metadata["preprocess"])
     class_names = [str(n) for n in cast(list[Any], stored.info.metadata["class_names"])]
@@ -395,8 +479,8 @@ def attach_reference(settings: Settings, tag: str | None = None) -> Path:
     return path
 
 
-def _registered_version(uri: str) -> tuple[str, str]:
-    """Resolve ``models:/name@alias`` or ``models:/name/version`` to (name, version)."""
+def _registered_version(uri: str) -> tuple[str, str, str | None]:
+    """Resolve ``models:/name@alias`` or ``models:/name/version`` to (name, version, alias)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -408,12 +492,12 @@ def _registered_version(uri: str) -> tuple[str, str]:
         )
     name = match["name"]
     if match["version"]:
-        return name, match["version"]
+        return name, match["version"], None
     try:
         version = MlflowClient().get_model_version_by_alias(name, match["alias"])
     except MlflowException as exc:
         raise ExportError(f"cannot resolve {uri}: {exc.message}") from exc
-    return name, str(version.version)
+    return name, str(version.version), match["alias"]
 
 
 def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml.Tag:
@@ -424,7 +508,7 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
         model_uri: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
 
     Returns:
-        The BentoML model tag.
+        The BentoML model tag: the alias's current import (see :func:`import_to_bento`).
 
     Raises:
         ExportError: the URI cannot be resolved or loaded, lacks metadata, or fails parity.
@@ -440,10 +524,9 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
     uri = model_uri or (
         f"models:/{settings.tracking.registered_model_name}@{settings.registry.champion_alias}"
     )
-    name, version = _registered_version(uri)
-    existing = find_imported(name, version, settings.export)
+    name, version, alias = _registered_version(uri)
+    existing = reuse_or_copy(name, version, alias, settings.export)
     if existing is not None:
-        logger.info("{} version {} is already imported as {}", name, version, existing)
         return existing
     client = MlflowClient()
     try:
@@ -463,6 +546,7 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
     lineage: dict[str, Any] = {
         "registered_name": name,
         "version": version,
+        "alias": alias,
         "model_uri": uri,
         "run_id": run_id,
         "metrics": dict(run.data.metrics) if run else {},

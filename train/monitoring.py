@@ -304,9 +304,20 @@ class ServedSources:
 
 
 def served_sources(environ: Mapping[str, str] | None = None) -> ServedSources:
-    """The ``logging`` section and ``model_tag`` of the serving settings (with env overrides)."""
+    """The ``logging`` section of the serving settings (with env overrides) and the served model.
+
+    The model is the one the service loads (:func:`serving.lineage.served_tag`), from BentoML's
+    store; ``<model_name>:latest`` when the store cannot say (the reference is then looked up
+    there and missing at worst).
+    """
+    from serving.lineage import ServedModelError, served_tag
+
     settings = load_serving_settings(environ=environ)
-    return ServedSources(settings.logging, settings.model_tag)
+    try:
+        tag = served_tag(settings)
+    except ServedModelError:
+        tag = f"{settings.model_name}:latest"
+    return ServedSources(settings.logging, tag)
 
 
 def stored_reference(model_tag: str) -> Reference | None:

@@ -3,6 +3,10 @@
 Selection: highest configured metric (validation accuracy by default); ties go to the model with
 fewer parameters. The runner-up becomes ``challenger``. Anything under the floor is refused and
 the registry is left as it was. Aliases, not the deprecated stages.
+
+``promote --version N`` (:func:`promote_version`) points the champion at registered version N
+instead, e.g. to roll back; it leaves the challenger alone and applies no floor (the operator
+chose the version). Then ``python -m train import`` makes it the served model.
 """
 
 from __future__ import annotations
@@ -40,18 +44,23 @@ class Promotion:
     model_name: str
     champion_version: str
     champion_run: str
-    metric: float
+    metric: float | None
     previous_champion_version: str | None
     challenger_version: str | None
+    metric_name: str = "metric"
 
     def describe(self, alias: str) -> str:
-        """One human-readable line."""
+        """One line, e.g. ``fashion-classifier@champion: version 2 -> 1 (run abc, ...)``."""
         before = self.previous_champion_version or "none"
-        change = "unchanged" if before == self.champion_version else f"was version {before}"
-        line = (
-            f"{self.model_name}@{alias} -> version {self.champion_version} "
-            f"(run {self.champion_run}, metric {self.metric:.4f}; {change})"
+        change = (
+            f"version {before} (unchanged)"
+            if before == self.champion_version
+            else f"version {before} -> {self.champion_version}"
         )
+        detail = f"run {self.champion_run}"
+        if self.metric is not None:
+            detail += f", {self.metric_name} {self.metric:.4f}"
+        line = f"{self.model_name}@{alias}: {change} ({detail})"
         if self.challenger_version:
             line += f"; challenger -> version {self.challenger_version}"
         return line
@@ -127,4 +136,45 @@ def promote(settings: Settings) -> Promotion:
     if runner_up is not None:
         challenger_version = _version_for(client, name, runner_up)
         client.set_registered_model_alias(name, reg.challenger_alias, challenger_version)
-    return Promotion(name, champion_version, best.run_id, best.metric, previous, challenger_version)
+    return Promotion(
+        name, champion_version, best.run_id, best.metric, previous, challenger_version, reg.metric
+    )
+
+
+def promote_version(settings: Settings, version: str) -> Promotion:
+    """Point the champion alias at registered ``version`` (a rollback, or a chosen model).
+
+    Raises:
+        PromotionError: ``version`` is not a registered version of the model.
+    """
+    reg = settings.registry
+    name = settings.tracking.registered_model_name
+    tracking.connect(settings.tracking)
+    if not version.isdigit():
+        raise PromotionError(f"--version must be a registered version number, not {version!r}")
+    client = MlflowClient()
+    try:
+        chosen = client.get_model_version(name, version)
+    except MlflowException:
+        known = _known_versions(client, name)
+        raise PromotionError(
+            f"{name} has no version {version} (registered: {known or 'none'})"
+        ) from None
+    previous = _alias_version(client, name, reg.champion_alias)
+    client.set_registered_model_alias(name, reg.champion_alias, str(chosen.version))
+    run_id = chosen.run_id or ""
+    metric: float | None = None
+    if run_id:
+        try:
+            metric = client.get_run(run_id).data.metrics.get(reg.metric)
+        except MlflowException:
+            metric = None
+    return Promotion(name, str(chosen.version), run_id, metric, previous, None, reg.metric)
+
+
+def _known_versions(client: MlflowClient, name: str) -> str:
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return ""
+    return ", ".join(str(v) for v in sorted(int(v.version) for v in versions))

@@ -18,7 +18,7 @@ import torch
 
 from common.preprocess import PreprocessSpec, to_model_input
 from serving.bentoml_bridge import model_store_at
-from train.config import ExportConfig, ModelConfig
+from train.config import ExportConfig, ModelConfig, RegistryConfig
 from train.export import import_to_bento
 from train.models import build_model
 
@@ -44,7 +44,7 @@ def import_tiny(
     classes: Sequence[str] = TINY_CLASSES,
     run_id: str | None = None,
 ) -> str:
-    """Import ``model`` as registered version ``version`` into the BentoML store at ``home``.
+    """Import ``model`` as registered version ``version`` through ``@champion`` into the store at ``home``.
 
     Returns:
         The BentoML model tag (``fashion-classifier:<version id>``).
@@ -56,6 +56,7 @@ def import_tiny(
     lineage = {
         "registered_name": ExportConfig().bento_model_name,
         "version": version,
+        "alias": RegistryConfig().champion_alias,  # imported through @champion, as make import
         "run_id": run_id or f"r{version}",
     }
     with model_store_at(home):
