@@ -23,6 +23,7 @@ from common.drift import DriftMonitor, Reference
 from common.model_format import REFERENCE_FILE
 from serving.gate import ApiKeyGuard, UploadGate
 from serving.lineage import model_info, served_tag
+from serving.openapi import service_document
 from serving.runtime import ModelRuntime
 from serving.schema import (
     BatchPredictInput,
@@ -109,4 +110,11 @@ class Classifier:
 # The decorator made Classifier a bentoml.Service, which mypy cannot see. The guard is built
 # here, at import, so `bentoml serve` stops at once when auth is on without a key.
 service_any: Any = Classifier
-service_any.add_asgi_middleware(UploadGate, guard=ApiKeyGuard(SETTINGS.auth, os.environ))
+service_any.add_asgi_middleware(
+    UploadGate,
+    guard=ApiKeyGuard(SETTINGS.auth, os.environ),
+    # GET /docs.json: BentoML's document with every status and constraint of the gate.
+    openapi=lambda auth_paths: service_document(
+        service_any, max_images=SETTINGS.limits.max_images_per_batch, auth_paths=auth_paths
+    ),
+)

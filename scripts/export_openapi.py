@@ -2,7 +2,8 @@
 
 ``python scripts/export_openapi.py [--output PATH]``. The schema is what a running service answers
 on ``GET /docs.json``: BentoML builds it from the ``Classifier`` service definition (API names,
-input and output models, docstrings), so no model has to be trained or imported to export it.
+input and output models, docstrings) and :mod:`serving.openapi` completes it with the upload
+gate's statuses and constraints, so no model has to be trained or imported to export it.
 The JSON is indented and key-sorted, so that a change to the API shows up as a readable diff;
 ``tests/test_service.py`` checks the file against a live server.
 """
@@ -25,10 +26,12 @@ def openapi_schema() -> dict[str, Any]:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     service = importlib.import_module("service")
-    spec: Any = service.Classifier.openapi_spec
-    # A JSON round trip turns tuples into lists, exactly as the HTTP answer does.
-    schema: dict[str, Any] = json.loads(json.dumps(spec.asdict()))
-    return schema
+    from serving.openapi import service_document
+
+    document: dict[str, Any] = service_document(
+        service.Classifier, max_images=service.SETTINGS.limits.max_images_per_batch
+    )
+    return document
 
 
 def render(schema: dict[str, Any]) -> str:

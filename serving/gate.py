@@ -8,15 +8,18 @@ pixels go to BentoML's adaptive batcher (:func:`serving.bentoml_bridge.find_api_
 request log line and the prediction data (:mod:`serving.telemetry`). ``GET /model`` answers the
 loaded model's lineage (:func:`serving.lineage.model_info`). Every client mistake ends
 as a 4xx JSON :class:`serving.schema.ErrorBody`, and so do 404 and 405 on the service's routes.
+``GET /docs.json`` is answered here too, with BentoML's document completed by
+:mod:`serving.openapi` (every status the gate answers, every constraint it enforces).
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -50,6 +53,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 _HEALTH_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+#: Where BentoML serves the OpenAPI document (and the gate answers it instead).
+DOCS_PATH = "/docs.json"
 
 
 class ApiKeyGuard:
@@ -174,10 +179,34 @@ def json_not_found(scope: Scope, send: Send) -> Send:
 class UploadGate:
     """ASGI middleware that owns ``/predict`` and ``/batch_predict``: parse, call, log."""
 
-    def __init__(self, app: ASGIApp, guard: ApiKeyGuard) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        guard: ApiKeyGuard,
+        openapi: Callable[[frozenset[str]], dict[str, Any]] | None = None,
+    ) -> None:
+        """Wrap ``app``; ``openapi(auth_paths)`` is the OpenAPI document ``GET /docs.json`` answers.
+
+        Without ``openapi`` BentoML's own document is served.
+        """
         self.app = app
         self.guard = guard
+        self.openapi = openapi
         self._calls: dict[str, ApiCall | None] = {}
+        self._document: bytes | None = None
+
+    async def send_document(self, method: str, send: Send) -> None:
+        """Answer ``GET /docs.json`` (``HEAD``: its headers) with the completed document."""
+        if self._document is None:
+            assert self.openapi is not None
+            self._document = json.dumps(self.openapi(self.guard.paths)).encode()
+        body = self._document
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
 
     def api_call(self, scope: Scope, endpoint: str) -> ApiCall | None:
         """The direct call for ``endpoint`` (looked up once; see :func:`find_api_call`)."""
@@ -278,6 +307,13 @@ class UploadGate:
                         ),
                         [(b"allow", allow.encode())],
                     )
+                    return
+                if (
+                    scope["path"] == DOCS_PATH
+                    and scope["method"] in ("GET", "HEAD")
+                    and self.openapi is not None
+                ):
+                    await self.send_document(scope["method"], send)
                     return
                 send = json_not_found(scope, send)
             await self.app(scope, receive, send)
