@@ -81,7 +81,7 @@ def test_data_fit_promote_evaluate_report(
     assert main(["fit", *args, "registry.floor=0.0"]) == 0
     assert "test_accuracy=" in capsys.readouterr().out
     assert main(["promote", *args, "registry.floor=0.0"]) == 0
-    assert "@champion -> version 1" in capsys.readouterr().out
+    assert "fashion-classifier@champion: unset -> version 1" in capsys.readouterr().out
     assert main(["evaluate", *args]) == 0
     assert "test_accuracy=" in capsys.readouterr().out
     readme = tmp_path / "README.md"

@@ -100,4 +100,4 @@ def test_the_gate_answers_docs_json_with_the_completed_document() -> None:
     asyncio.run(gate(scope, receive, send))
     assert messages[0]["status"] == 200
     assert json.loads(messages[1]["body"]) == {"openapi": "3.0.2", "paths": {}}
-    assert seen == [frozenset({"/predict", "/batch_predict"})]  # built once
+    assert seen == [frozenset({"/predict", "/batch_predict", "/model"})]  # built once

@@ -56,7 +56,7 @@ def test_promote_picks_best_sets_aliases_and_is_idempotent(make_settings: MakeSe
     assert client.get_model_version_by_alias(name, "champion").run_id == best
     assert client.get_model_version_by_alias(name, "challenger").run_id == low
     assert first.describe("champion").startswith(
-        f"{name}@champion: version none -> {first.champion_version} (run {best}, "
+        f"{name}@champion: unset -> version {first.champion_version} (run {best}, "
         "best_val_accuracy 0.9500)"
     )
 
@@ -132,7 +132,7 @@ def test_promote_version_through_the_cli(
     _logged_run(settings, 0.97, width=4)
     args = [f"tracking.store_dir={json.dumps(str(settings.tracking.store_dir))}"]
     assert main(["promote", *args]) == 0  # best -> version 1, runner-up -> version 2
-    assert "@champion: version none -> 1" in capsys.readouterr().out
+    assert "@champion: unset -> version 1" in capsys.readouterr().out
     assert main(["promote", "--version", "2", *args]) == 0
     assert capsys.readouterr().out.strip() == (
         f"{settings.tracking.registered_model_name}@champion: version 1 -> 2 "

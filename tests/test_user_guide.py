@@ -148,7 +148,7 @@ def test_user_guide_end_to_end(
     assert "36 images, 3 classes" in outputs["data"]
     assert re.search(r"val_accuracy=\d\.\d{4} test_accuracy=", outputs["fit"])
     assert len(re.findall(r"val_accuracy=", outputs["sweep"])) == 2
-    assert "shapes-classifier@champion: version none -> 1" in outputs["promote"]
+    assert "shapes-classifier@champion: unset -> version 1" in outputs["promote"]
     assert "imported shapes-classifier:" in outputs["import"]
 
     # The BentoML model carries the shapes classes; the Fashion-MNIST names were never touched.

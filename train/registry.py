@@ -51,12 +51,13 @@ class Promotion:
 
     def describe(self, alias: str) -> str:
         """One line, e.g. ``fashion-classifier@champion: version 2 -> 1 (run abc, ...)``."""
-        before = self.previous_champion_version or "none"
-        change = (
-            f"version {before} (unchanged)"
-            if before == self.champion_version
-            else f"version {before} -> {self.champion_version}"
-        )
+        before = self.previous_champion_version
+        if before == self.champion_version:
+            change = f"version {before} (unchanged)"
+        elif before is None:
+            change = f"unset -> version {self.champion_version}"
+        else:
+            change = f"version {before} -> {self.champion_version}"
         detail = f"run {self.champion_run}"
         if self.metric is not None:
             detail += f", {self.metric_name} {self.metric:.4f}"
