@@ -94,7 +94,7 @@ def test_prepare_names_the_file(svc: Any, monkeypatch: pytest.MonkeyPatch) -> No
     def cannot_convert(*args: Any) -> None:
         raise ValueError("odd mode")
 
-    monkeypatch.setattr(runtime_module, "prepare_image", cannot_convert)
+    monkeypatch.setattr(runtime_module.preprocess, "prepare_image", cannot_convert)
     with pytest.raises(BadInputError, match="cannot convert") as caught:
         svc.runtime.prepare([Upload("image", None, PNG)], "image")
     assert (caught.value.status, caught.value.kind) == (422, "unconvertible")
