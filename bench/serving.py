@@ -37,7 +37,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -503,6 +503,17 @@ class Row:
         """Failed requests: bad statuses and socket errors together."""
         return sum(self.errors.values())
 
+    def cells(self) -> str:
+        """The row in :func:`render_table`'s columns, ``| scenario | ... | load1 |``."""
+        server_cpu = "n/a" if self.server_cpu_pct is None else f"{self.server_cpu_pct:.0f}%"
+        batch = "n/a" if self.mean_batch is None else f"{self.mean_batch:.1f}"
+        return (
+            f"| {self.scenario.name} | {self.scenario.concurrency} | {self.requests_per_s:.1f} "
+            f"| {self.images_per_s:.0f} | {self.p50_ms:.1f} | {self.p90_ms:.1f} "
+            f"| {self.p99_ms:.1f} | {self.error_text()} | {batch} | {self.client_cpu_pct:.0f}% "
+            f"| {server_cpu} | {self.load1:.2f} |"
+        )
+
     def error_text(self) -> str:
         """``0`` or the total with its breakdown, e.g. ``12 (status 10, timeout 2)``."""
         if not self.error_count:
@@ -567,17 +578,19 @@ def render_table(rows: Sequence[Row]) -> str:
         "| mean batch | client CPU | server CPU | load1 |\n"
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
     )
-    lines = []
-    for r in rows:
-        server_cpu = "n/a" if r.server_cpu_pct is None else f"{r.server_cpu_pct:.0f}%"
-        batch = "n/a" if r.mean_batch is None else f"{r.mean_batch:.1f}"
-        lines.append(
-            f"| {r.scenario.name} | {r.scenario.concurrency} | {r.requests_per_s:.1f} "
-            f"| {r.images_per_s:.0f} | {r.p50_ms:.1f} | {r.p90_ms:.1f} | {r.p99_ms:.1f} "
-            f"| {r.error_text()} | {batch} | {r.client_cpu_pct:.0f}% | {server_cpu} "
-            f"| {r.load1:.2f} |"
-        )
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(r.cells() for r in rows) + "\n"
+
+
+def _git(args: list[str], timeout: float) -> str:
+    """``git args`` in the project: its output, stripped (raises if git fails)."""
+    return subprocess.run(
+        ["git", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    ).stdout.strip()
 
 
 def machine_info() -> dict[str, str]:
@@ -590,22 +603,10 @@ def machine_info() -> dict[str, str]:
                 break
     commit = "unknown"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.strip()
+        head = _git(["rev-parse", "--short", "HEAD"], timeout=10)
+        changed = _git(
+            ["--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], timeout=30
+        )
         commit = head + ("-dirty" if changed else "")
     return {
         "nproc": str(len(os.sched_getaffinity(0))),
@@ -902,25 +903,10 @@ def load_options(
     args: argparse.Namespace, scenarios: list[Scenario], port: int, output: Path | None
 ) -> Options:
     """:class:`Options` from flags parsed with :func:`add_model_arguments`,
-    :func:`add_load_arguments` and ``--work-dir``."""
-    return Options(
-        tiny=args.tiny,
-        bentoml_home=args.bentoml_home.resolve(),
-        model_tag=args.model_tag,
-        scenarios=scenarios,
-        duration=args.duration,
-        warmup=args.warmup,
-        images=args.images,
-        client=args.client,
-        host=args.host,
-        port=port,
-        workers=args.workers,
-        timeout=args.timeout,
-        ready_timeout=args.ready_timeout,
-        stop_timeout=args.stop_timeout,
-        output=output,
-        work_dir=args.work_dir,
-    )
+    :func:`add_load_arguments` and ``--work-dir`` (each flag sets the field of its name)."""
+    named = {f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name)}
+    given = {"scenarios": scenarios, "port": port, "output": output}
+    return Options(**{**named, **given, "bentoml_home": args.bentoml_home.resolve()})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:

@@ -346,6 +346,16 @@ def _row(results: Sequence[SetupResult], name: str, endpoint: str, conc: int) ->
     return None
 
 
+def _ratio_goal(title: str, ours: Row, other: Row, goal: float) -> Goal:
+    """``ours`` serves at least ``goal`` times the requests/s of ``other``."""
+    ratio = ours.requests_per_s / other.requests_per_s if other.requests_per_s else 0.0
+    return Goal(
+        title,
+        f"{ours.requests_per_s:.0f} vs {other.requests_per_s:.0f} req/s = {ratio:.2f}×",
+        ratio >= goal,
+    )
+
+
 def check_goals(results: Sequence[SetupResult], raw: Sequence[RawResult], nproc: int) -> list[Goal]:
     """Compare the run with the goals; a goal whose rows were not measured is ``None``."""
     goals = []
@@ -372,12 +382,9 @@ def check_goals(results: Sequence[SetupResult], raw: Sequence[RawResult], nproc:
         default=None,
     )
     if ours and peer:
-        ratio = ours.requests_per_s / peer.requests_per_s if peer.requests_per_s else 0.0
         goals.append(
-            Goal(
-                f"/predict c=64 ≥ {GOAL_PEER_RATIO:g}× the peer",
-                f"{ours.requests_per_s:.0f} vs {peer.requests_per_s:.0f} req/s = {ratio:.2f}×",
-                ratio >= GOAL_PEER_RATIO,
+            _ratio_goal(
+                f"/predict c=64 ≥ {GOAL_PEER_RATIO:g}× the peer", ours, peer, GOAL_PEER_RATIO
             )
         )
     if ours:
@@ -399,12 +406,12 @@ def check_goals(results: Sequence[SetupResult], raw: Sequence[RawResult], nproc:
             )
         )
     if ours and off:
-        ratio = ours.requests_per_s / off.requests_per_s if off.requests_per_s else 0.0
         goals.append(
-            Goal(
+            _ratio_goal(
                 f"batching on ≥ {GOAL_BATCHING_RATIO:g}× off at c=64",
-                f"{ours.requests_per_s:.0f} vs {off.requests_per_s:.0f} req/s = {ratio:.2f}×",
-                ratio >= GOAL_BATCHING_RATIO,
+                ours,
+                off,
+                GOAL_BATCHING_RATIO,
             )
         )
     if single:
@@ -435,15 +442,7 @@ def render_rows(results: Sequence[SetupResult]) -> str:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for result in results:
-        for r in result.rows:
-            server_cpu = "n/a" if r.server_cpu_pct is None else f"{r.server_cpu_pct:.0f}%"
-            batch = "n/a" if r.mean_batch is None else f"{r.mean_batch:.1f}"
-            lines.append(
-                f"| {result.name} | {r.scenario.name} | {r.scenario.concurrency} "
-                f"| {r.requests_per_s:.1f} | {r.images_per_s:.0f} | {r.p50_ms:.1f} "
-                f"| {r.p90_ms:.1f} | {r.p99_ms:.1f} | {r.error_text()} | {batch} "
-                f"| {r.client_cpu_pct:.0f}% | {server_cpu} | {r.load1:.2f} |"
-            )
+        lines += [f"| {result.name} {r.cells()}" for r in result.rows]
     return "\n".join(lines) + "\n"
 
 
