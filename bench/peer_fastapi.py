@@ -27,14 +27,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
 
-from common.preprocess import (
-    ImageDecodeError,
-    PreprocessSpec,
-    decode_image,
-    prepare_image,
-    softmax,
-    to_model_input,
-)
+from common import preprocess
 from serving.settings import load_serving_settings
 
 
@@ -49,7 +42,7 @@ def serving_max_pixels(environ: Mapping[str, str] = os.environ) -> int:
 MAX_PIXELS = serving_max_pixels()
 
 
-def load() -> tuple[torch.nn.Module, list[str], PreprocessSpec]:
+def load() -> tuple[torch.nn.Module, list[str], preprocess.PreprocessSpec]:
     """The model, its class names and preprocessing, from MLflow or from files (``--tiny``)."""
     uri = os.environ.get("FASHION_PEER_MODEL_URI")
     if uri:
@@ -61,7 +54,7 @@ def load() -> tuple[torch.nn.Module, list[str], PreprocessSpec]:
         model = torch.load(os.environ["FASHION_PEER_TORCH_FILE"], weights_only=False)
         metadata = json.loads(Path(os.environ["FASHION_PEER_META"]).read_text())
     classes = [str(name) for name in metadata["class_names"]]
-    return model.eval(), classes, PreprocessSpec.model_validate(metadata["preprocess"])
+    return model.eval(), classes, preprocess.PreprocessSpec.model_validate(metadata["preprocess"])
 
 
 torch.set_num_threads(int(os.environ.get("FASHION_PEER_THREADS", "1")))
@@ -72,12 +65,15 @@ app = FastAPI(title="fashion-serve peer (FastAPI + eager torch)")
 def classify(blobs: list[bytes]) -> list[dict[str, Any]]:
     """Decode, preprocess and classify the images in one torch call."""
     try:
-        arrays = [prepare_image(decode_image(blob, MAX_PIXELS), SPEC) for blob in blobs]
-    except ImageDecodeError as exc:
+        arrays = [
+            preprocess.prepare_image(preprocess.decode_image(blob, MAX_PIXELS), SPEC)
+            for blob in blobs
+        ]
+    except preprocess.ImageDecodeError as exc:
         raise HTTPException(status_code=415, detail=str(exc)) from exc
     with torch.inference_mode():
-        logits = MODEL(torch.from_numpy(to_model_input(arrays))).numpy()
-    probabilities = softmax(np.asarray(logits, dtype=np.float32))
+        logits = MODEL(torch.from_numpy(preprocess.to_model_input(arrays))).numpy()
+    probabilities = preprocess.softmax(np.asarray(logits, dtype=np.float32))
     answers = []
     for row in probabilities.tolist():
         class_id = int(np.argmax(row))

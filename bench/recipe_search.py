@@ -14,7 +14,7 @@ and the validation share. Every recipe trains with the project's own pieces, not
   the recipe sets ``val_fraction``);
 - model: :func:`train.models.build_model`, so the data's normalisation is inside the network and
   evaluation averages the mirror image (``flip_tta``), as the served model does;
-- optimiser, schedule and loss: :func:`train.engine.make_training_parts`, as ``fit`` uses them
+- optimiser, schedule and loss: :class:`train.engine.Trainer`, as ``fit`` uses them
   (SGD with Nesterov momentum, OneCycle per batch, label smoothing);
 - augmentation: :class:`train.transforms.AugmentationPreset`, on the CPU;
 - each epoch: :func:`train.engine.train_one_epoch` on ``--device``, then the validation accuracy
@@ -62,7 +62,7 @@ from common.preprocess import PreprocessSpec
 from common.settings import SettingsError, one_line, read_yaml_mapping
 from train.config import DataConfig, ModelConfig, TrainConfig, load_settings
 from train.data import FASHION_MNIST_CLASSES, DataBundle, load_data, to_tensors
-from train.engine import evaluate, make_training_parts, set_seed, train_one_epoch
+from train.engine import Trainer, set_seed
 from train.models import ARCHITECTURES, build_model
 from train.transforms import AugmentationPreset
 
@@ -307,26 +307,15 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> RecipeResult:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = (len(bundle.train) + cfg.batch_size - 1) // cfg.batch_size
-    optimizer, scheduler, criterion = make_training_parts(model, cfg, steps_per_epoch)
-    preset = recipe.augmentation()
+    trainer = Trainer(model, cfg, recipe.augmentation(), generator, steps_per_epoch, device)
     curve: list[float] = []
     trained = 0
     for epoch in range(1, cfg.epochs + 1):
-        _, _, seen = train_one_epoch(
-            model,
-            optimizer,
-            scheduler,
-            criterion,
-            images,
-            labels,
-            cfg,
-            preset,
-            generator,
-            description=f"{recipe.name} {epoch}/{cfg.epochs}",
-            device=device,
+        _, _, seen = trainer.epoch(
+            images, labels, description=f"{recipe.name} {epoch}/{cfg.epochs}"
         )
         trained += seen
-        val = evaluate(model, *val_data, cfg.eval_batch_size, cfg.channels_last, device=device)
+        val = trainer.evaluate(*val_data)
         curve.append(round(100 * val.accuracy, 2))
         print(
             f"{recipe.name}: epoch {epoch}/{cfg.epochs} val {curve[-1]:.2f}% "
@@ -334,7 +323,7 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> RecipeResult:
             file=sys.stderr,
             flush=True,
         )
-    test = evaluate(model, *test_data, cfg.eval_batch_size, cfg.channels_last, device=device)
+    test = trainer.evaluate(*test_data)
     return RecipeResult(
         recipe=recipe,
         train_images=len(bundle.train),
@@ -446,17 +435,14 @@ def measure_cpu_throughput(
         )
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer, scheduler, criterion = make_training_parts(model, cfg, warmup + steps)
-        preset = recipe.augmentation()
+        trainer = Trainer(model, cfg, recipe.augmentation(), generator, warmup + steps)
 
         def train(batches: int) -> tuple[int, float]:
             n = batches * cfg.batch_size
             images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=generator)
             labels = torch.randint(0, len(FASHION_MNIST_CLASSES), (n,), generator=generator)
             started = time.perf_counter()
-            _, _, seen = train_one_epoch(
-                model, optimizer, scheduler, criterion, images, labels, cfg, preset, generator
-            )
+            _, _, seen = trainer.epoch(images, labels)
             return seen, time.perf_counter() - started
 
         if warmup > 0:

@@ -36,12 +36,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -66,6 +66,9 @@ MAX_BODIES = 256
 ERROR_KINDS = ("connect", "read", "write", "status", "timeout")
 #: The random model of ``--tiny``: small enough to import in seconds, Fashion-MNIST's classes.
 TINY_MODEL = ModelConfig(name="simple_cnn", width=8)
+
+
+T = TypeVar("T")
 
 
 class BenchError(RuntimeError):
@@ -500,6 +503,17 @@ class Row:
         """Failed requests: bad statuses and socket errors together."""
         return sum(self.errors.values())
 
+    def cells(self) -> str:
+        """The row in :func:`render_table`'s columns, ``| scenario | ... | load1 |``."""
+        server_cpu = "n/a" if self.server_cpu_pct is None else f"{self.server_cpu_pct:.0f}%"
+        batch = "n/a" if self.mean_batch is None else f"{self.mean_batch:.1f}"
+        return (
+            f"| {self.scenario.name} | {self.scenario.concurrency} | {self.requests_per_s:.1f} "
+            f"| {self.images_per_s:.0f} | {self.p50_ms:.1f} | {self.p90_ms:.1f} "
+            f"| {self.p99_ms:.1f} | {self.error_text()} | {batch} | {self.client_cpu_pct:.0f}% "
+            f"| {server_cpu} | {self.load1:.2f} |"
+        )
+
     def error_text(self) -> str:
         """``0`` or the total with its breakdown, e.g. ``12 (status 10, timeout 2)``."""
         if not self.error_count:
@@ -564,17 +578,19 @@ def render_table(rows: Sequence[Row]) -> str:
         "| mean batch | client CPU | server CPU | load1 |\n"
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
     )
-    lines = []
-    for r in rows:
-        server_cpu = "n/a" if r.server_cpu_pct is None else f"{r.server_cpu_pct:.0f}%"
-        batch = "n/a" if r.mean_batch is None else f"{r.mean_batch:.1f}"
-        lines.append(
-            f"| {r.scenario.name} | {r.scenario.concurrency} | {r.requests_per_s:.1f} "
-            f"| {r.images_per_s:.0f} | {r.p50_ms:.1f} | {r.p90_ms:.1f} | {r.p99_ms:.1f} "
-            f"| {r.error_text()} | {batch} | {r.client_cpu_pct:.0f}% | {server_cpu} "
-            f"| {r.load1:.2f} |"
-        )
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(r.cells() for r in rows) + "\n"
+
+
+def _git(args: list[str], timeout: float) -> str:
+    """``git args`` in the project: its output, stripped (raises if git fails)."""
+    return subprocess.run(
+        ["git", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    ).stdout.strip()
 
 
 def machine_info() -> dict[str, str]:
@@ -587,22 +603,10 @@ def machine_info() -> dict[str, str]:
                 break
     commit = "unknown"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.strip()
+        head = _git(["rev-parse", "--short", "HEAD"], timeout=10)
+        changed = _git(
+            ["--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], timeout=30
+        )
         commit = head + ("-dirty" if changed else "")
     return {
         "nproc": str(len(os.sched_getaffinity(0))),
@@ -755,6 +759,56 @@ def run_scenario(
     return make_row(scenario, run, server_cpu, before, after)
 
 
+def workspace(stack: contextlib.ExitStack, work_dir: Path | None, prefix: str) -> Path:
+    """``work_dir`` (created if missing), or a temporary folder that ``stack`` removes."""
+    if work_dir is None:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return work_dir
+
+
+def client_description(tool: str) -> str:
+    """The load generator ``tool`` as the reports name it."""
+    if tool == "wrk":
+        return "`wrk -t1` + `bench/post_multipart.lua`"
+    return "Python aiohttp (`bench/loadgen.py`; wrk not installed)"
+
+
+def scenario_bodies(
+    scenarios: Sequence[Scenario], images: Sequence[bytes], folder: Path
+) -> dict[tuple[str, int], BodySet]:
+    """One body set per (endpoint, images per request), shared by its concurrency levels."""
+    bodies: dict[tuple[str, int], BodySet] = {}
+    for s in scenarios:
+        if (s.endpoint, s.images) not in bodies:
+            sub = folder / f"bodies-{s.endpoint}-{s.images}"
+            bodies[s.endpoint, s.images] = write_bodies(sub, s, images)
+    return bodies
+
+
+def run_scenarios(
+    server: Server,
+    scenarios: Sequence[Scenario],
+    bodies: dict[tuple[str, int], BodySet],
+    tool: str,
+    options: Options,
+    workdir: Path,
+    label: str = "",
+) -> list[Row]:
+    """:func:`run_scenario` for each scenario in turn, with progress lines (``label`` first)."""
+    rows = []
+    for scenario in scenarios:
+        print(
+            f"{label}{scenario.name} concurrency {scenario.concurrency}: {options.warmup} s "
+            f"warm-up + {options.duration} s ({tool}) ...",
+            file=sys.stderr,
+        )
+        body = bodies[scenario.endpoint, scenario.images]
+        rows.append(run_scenario(server, scenario, body, tool, options, workdir))
+        print(label + render_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+    return rows
+
+
 def run(options: Options) -> Report:
     """Run the whole benchmark (model, server, scenarios) and return the report.
 
@@ -765,58 +819,28 @@ def run(options: Options) -> Report:
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:
-        if options.work_dir is None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
-        else:
-            workdir = options.work_dir
-            workdir.mkdir(parents=True, exist_ok=True)
+        workdir = workspace(stack, options.work_dir, "bench-")
         home, tag, shown = pick_model(
             options.tiny, options.bentoml_home, options.model_tag, workdir
         )
         env = server_env(home, tag, options.workers)
         settings = effective_settings(env)
         images, source = load_images(options.images)
-        # One body set per (endpoint, images per request), shared by its concurrency levels.
-        bodies: dict[tuple[str, int], BodySet] = {}
-        for s in options.scenarios:
-            if (s.endpoint, s.images) not in bodies:
-                folder = workdir / f"bodies-{s.endpoint}-{s.images}"
-                bodies[s.endpoint, s.images] = write_bodies(folder, s, images)
+        bodies = scenario_bodies(options.scenarios, images, workdir)
         port = options.port or free_port(options.host)
         print(f"starting bentoml serve ({tag}) on {options.host}:{port} ...", file=sys.stderr)
-        rows: list[Row] = []
         server = stack.enter_context(
             serving(options.host, port, env, workdir / "server.log", options.stop_timeout)
         )
         cold = server.wait_ready(options.ready_timeout)
         print(f"ready after {cold:.1f} s", file=sys.stderr)
-        for scenario in options.scenarios:
-            print(
-                f"{scenario.name} concurrency {scenario.concurrency}: {options.warmup} s warm-up"
-                f" + {options.duration} s ({tool}) ...",
-                file=sys.stderr,
-            )
-            rows.append(
-                run_scenario(
-                    server,
-                    scenario,
-                    bodies[scenario.endpoint, scenario.images],
-                    tool,
-                    options,
-                    workdir,
-                )
-            )
-            print(render_table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+        rows = run_scenarios(server, options.scenarios, bodies, tool, options, workdir)
         report = Report(
             rows=rows,
             cold_start_s=cold,
             model=shown,
             images_source=source,
-            client_tool=(
-                "`wrk -t1` + `bench/post_multipart.lua`"
-                if tool == "wrk"
-                else "Python aiohttp (`bench/loadgen.py`; wrk not installed)"
-            ),
+            client_tool=client_description(tool),
             settings=settings,
             load_before=load_before,
             started=started,
@@ -844,13 +868,9 @@ def _bounded(low: int, high: int) -> Any:
     return convert
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Options:
-    """Parse the command line into :class:`Options` (``--help`` lists the flags)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.serving",
-        description="Benchmark `bentoml serve service:Classifier` on loopback.",
-    )
-    parser.add_argument("--tiny", action="store_true", help="random simple_cnn in a temp store")
+def add_model_arguments(parser: argparse.ArgumentParser, tiny_help: str) -> None:
+    """The flags every loopback benchmark takes: which model, and which load generator."""
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
     parser.add_argument(
         "--bentoml-home",
         type=Path,
@@ -858,11 +878,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="BentoML store holding the imported model (default: $BENTOML_HOME or ~/bentoml)",
     )
     parser.add_argument("--model-tag", help="default: model_tag in configs/serving.yaml")
-    parser.add_argument(
-        "--scenarios",
-        default=DEFAULT_SCENARIOS,
-        help="endpoint:concurrency[:images],... (default: %(default)s)",
-    )
+    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scenario-run flags of this benchmark and ``bench/suite.py`` (see :func:`load_options`)."""
     parser.add_argument(
         "--duration", type=_bounded(1, MAX_DURATION_S), default=15, help="seconds per scenario"
     )
@@ -870,15 +890,39 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--warmup", type=_bounded(0, MAX_WARMUP_S), default=2, help="warm-up seconds per scenario"
     )
     parser.add_argument("--images", type=_bounded(1, 10_000), default=512, help="distinct images")
-    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--host", type=loopback, default="127.0.0.1", help="loopback address")
-    parser.add_argument("--port", type=_bounded(0, 65535), default=0, help="0 = a free port")
     parser.add_argument(
         "--workers", type=_bounded(1, 64), default=None, help="override serving workers"
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="cold start limit (s)")
     parser.add_argument("--stop-timeout", type=float, default=20.0, help="SIGTERM → SIGKILL (s)")
+
+
+def load_options(
+    args: argparse.Namespace, scenarios: list[Scenario], port: int, output: Path | None
+) -> Options:
+    """:class:`Options` from flags parsed with :func:`add_model_arguments`,
+    :func:`add_load_arguments` and ``--work-dir`` (each flag sets the field of its name)."""
+    named = {f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name)}
+    given = {"scenarios": scenarios, "port": port, "output": output}
+    return Options(**{**named, **given, "bentoml_home": args.bentoml_home.resolve()})
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    """Parse the command line into :class:`Options` (``--help`` lists the flags)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serving",
+        description="Benchmark `bentoml serve service:Classifier` on loopback.",
+    )
+    add_model_arguments(parser, "random simple_cnn in a temp store")
+    add_load_arguments(parser)
+    parser.add_argument(
+        "--scenarios",
+        default=DEFAULT_SCENARIOS,
+        help="endpoint:concurrency[:images],... (default: %(default)s)",
+    )
+    parser.add_argument("--port", type=_bounded(0, 65535), default=0, help="0 = a free port")
     parser.add_argument(
         "--output",
         type=Path,
@@ -891,49 +935,48 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         scenarios = parse_scenarios(args.scenarios)
     except BenchError as exc:
         parser.error(str(exc))
-    return Options(
-        tiny=args.tiny,
-        bentoml_home=args.bentoml_home.resolve(),
-        model_tag=args.model_tag,
-        scenarios=scenarios,
-        duration=args.duration,
-        warmup=args.warmup,
-        images=args.images,
-        client=args.client,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        timeout=args.timeout,
-        ready_timeout=args.ready_timeout,
-        stop_timeout=args.stop_timeout,
-        output=None if str(args.output) == "-" else args.output,
-        work_dir=args.work_dir,
-    )
+    output = None if str(args.output) == "-" else args.output
+    return load_options(args, scenarios, args.port, output)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
+def terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM handler: unwind like Ctrl-C, so the servers are stopped."""
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def guarded(work: Callable[[], T], stopped: str = "server stopped") -> T | int:
+    """``work()``, or the exit code after a :class:`BenchError` (1) or an interrupt (130).
+
+    SIGTERM is turned into an interrupt first, so the servers are stopped on every exit path.
+    """
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        return work()
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; {stopped}", file=sys.stderr)
+        return 130
+
+
+def publish(page: str, output: Path | None) -> None:
+    """Print the Markdown ``page`` and write it to ``output`` (``None``: nowhere)."""
+    print(page)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(page)
+        print(f"written to {output}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the page and write it to ``--output``; 1 on failure."""
     options = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
     machine = machine_info()  # the commit the servers start from, not the one at the end
-    try:
-        report = run(options)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; server stopped", file=sys.stderr)
-        return 130
-    page = render_markdown(report, machine)
-    print(page)
-    if options.output is not None:
-        options.output.parent.mkdir(parents=True, exist_ok=True)
-        options.output.write_text(page)
-        print(f"written to {options.output}", file=sys.stderr)
+    report = guarded(lambda: run(options))
+    if isinstance(report, int):
+        return report
+    publish(render_markdown(report, machine), options.output)
     failing = [r.scenario.name for r in report.rows if r.error_count]
     if failing:
         print(

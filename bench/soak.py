@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bench import serving
 from common.settings import config_dir, load_settings_file
-from serving.launch import default_store_home, free_port
+from serving.launch import free_port
 
 DEFAULT_CONFIG = config_dir() / "soak.yaml"
 ENV_PREFIX = "FASHION_SERVE_SOAK__"
@@ -294,11 +293,7 @@ def run(options: SoakOptions) -> SoakReport:
     load_before = os.getloadavg()
     concurrency = {"predict": s.predict_concurrency, "batch_predict": s.batch_predict_concurrency}
     with contextlib.ExitStack() as stack:
-        if options.work_dir is None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))
-        else:
-            workdir = options.work_dir
-            workdir.mkdir(parents=True, exist_ok=True)
+        workdir = serving.workspace(stack, options.work_dir, "soak-")
         home, tag, shown = serving.pick_model(
             options.tiny, options.bentoml_home, options.model_tag, workdir
         )
@@ -379,15 +374,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SoakOptions:
     parser.add_argument("--batch-concurrency", type=int, dest="batch_predict_concurrency")
     parser.add_argument("--batch-images", type=int, dest="batch_images")
     parser.add_argument("--images", type=int, dest="images", help="distinct images")
-    parser.add_argument("--tiny", action="store_true", help="random simple_cnn in a temp store")
-    parser.add_argument(
-        "--bentoml-home",
-        type=Path,
-        default=default_store_home(),
-        help="BentoML store holding the imported model (default: $BENTOML_HOME or ~/bentoml)",
-    )
-    parser.add_argument("--model-tag", help="default: model_tag in configs/serving.yaml")
-    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+    serving.add_model_arguments(parser, "random simple_cnn in a temp store")
     parser.add_argument("--workers", type=int, help="override serving workers")
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown file ('-' = none)"
@@ -415,20 +402,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the soak, print the page and write it to ``--output``; 1 if it failed its goals."""
     options = parse_args(argv)
     machine = serving.machine_info()  # the commit the server starts from, not the one at the end
-    try:
-        report = run(options)
-    except serving.BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; server stopped", file=sys.stderr)
-        return 130
-    page = render(report, machine)
-    print(page)
-    if options.output is not None:
-        options.output.parent.mkdir(parents=True, exist_ok=True)
-        options.output.write_text(page)
-        print(f"written to {options.output}", file=sys.stderr)
+    report = serving.guarded(lambda: run(options))
+    if isinstance(report, int):
+        return report
+    serving.publish(render(report, machine), options.output)
     return 0 if report.passed else 1
 
 

@@ -31,9 +31,7 @@ import contextlib
 import functools
 import json
 import os
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +43,7 @@ import numpy as np
 
 from bench import serving
 from bench.serving import BenchError, Row, Scenario
-from serving.launch import default_store_home, free_port
+from serving.launch import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DOCS = PROJECT_ROOT / "docs"
@@ -118,9 +116,9 @@ def prepare_model(options: Options, workdir: Path) -> ModelFiles:
     """
     module_path = workdir / "module.pt"
     home, tag, description = serving.pick_model(
-        options.tiny, options.bentoml_home, options.model_tag, workdir, module_path
+        options.load.tiny, options.load.bentoml_home, options.load.model_tag, workdir, module_path
     )
-    if options.tiny:
+    if options.load.tiny:
         peer_env = {"FASHION_PEER_TORCH_FILE": str(module_path)}
     else:
         labels = _bento_model(home, tag).info.labels
@@ -276,7 +274,7 @@ class SetupResult:
 
 def setup_env(name: str, files: ModelFiles, options: Options) -> dict[str, str]:
     """The server environment of setup ``name``."""
-    env = serving.server_env(files.home, files.tag, options.workers)
+    env = serving.server_env(files.home, files.tag, options.load.workers)
     for key, value in SETUPS[name][2].items():
         env[serving_key(key)] = value
     if name == "torch":
@@ -313,31 +311,17 @@ def run_setup(
     command = peer_command(int(settings["workers"])) if name == "peer" else None
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
-    bodies: dict[tuple[str, int], serving.BodySet] = {}
-    for s in scenarios:
-        if (s.endpoint, s.images) not in bodies:
-            sub = folder / f"bodies-{s.endpoint}-{s.images}"
-            bodies[s.endpoint, s.images] = serving.write_bodies(sub, s, images)
-    port = free_port(options.host)
-    print(f"[{name}] starting on {options.host}:{port} ...", file=sys.stderr)
-    rows = []
+    bodies = serving.scenario_bodies(scenarios, images, folder)
+    load = options.load
+    port = free_port(load.host)
+    print(f"[{name}] starting on {load.host}:{port} ...", file=sys.stderr)
     with serving.serving(
-        options.host, port, env, folder / "server.log", options.stop_timeout, command
+        load.host, port, env, folder / "server.log", load.stop_timeout, command
     ) as server:
-        cold = server.wait_ready(options.ready_timeout)
+        cold = server.wait_ready(load.ready_timeout)
         print(f"[{name}] ready after {cold:.1f} s", file=sys.stderr)
-        for scenario in scenarios:
-            row = serving.run_scenario(
-                server,
-                scenario,
-                bodies[scenario.endpoint, scenario.images],
-                tool,
-                options.serving_options(),
-                folder,
-            )
-            rows.append(row)
-            print(f"[{name}] " + serving.render_table([row]).splitlines()[-1], file=sys.stderr)
-        stopped = server.stop(options.stop_timeout)
+        rows = serving.run_scenarios(server, scenarios, bodies, tool, load, folder, f"[{name}] ")
+        stopped = server.stop(load.stop_timeout)
     return SetupResult(name, SETUPS[name][0], cold, rows, settings, stopped)
 
 
@@ -360,6 +344,16 @@ def _row(results: Sequence[SetupResult], name: str, endpoint: str, conc: int) ->
                 if row.scenario.endpoint == endpoint and row.scenario.concurrency == conc:
                     return row
     return None
+
+
+def _ratio_goal(title: str, ours: Row, other: Row, goal: float) -> Goal:
+    """``ours`` serves at least ``goal`` times the requests/s of ``other``."""
+    ratio = ours.requests_per_s / other.requests_per_s if other.requests_per_s else 0.0
+    return Goal(
+        title,
+        f"{ours.requests_per_s:.0f} vs {other.requests_per_s:.0f} req/s = {ratio:.2f}×",
+        ratio >= goal,
+    )
 
 
 def check_goals(results: Sequence[SetupResult], raw: Sequence[RawResult], nproc: int) -> list[Goal]:
@@ -388,12 +382,9 @@ def check_goals(results: Sequence[SetupResult], raw: Sequence[RawResult], nproc:
         default=None,
     )
     if ours and peer:
-        ratio = ours.requests_per_s / peer.requests_per_s if peer.requests_per_s else 0.0
         goals.append(
-            Goal(
-                f"/predict c=64 ≥ {GOAL_PEER_RATIO:g}× the peer",
-                f"{ours.requests_per_s:.0f} vs {peer.requests_per_s:.0f} req/s = {ratio:.2f}×",
-                ratio >= GOAL_PEER_RATIO,
+            _ratio_goal(
+                f"/predict c=64 ≥ {GOAL_PEER_RATIO:g}× the peer", ours, peer, GOAL_PEER_RATIO
             )
         )
     if ours:
@@ -415,12 +406,12 @@ def check_goals(results: Sequence[SetupResult], raw: Sequence[RawResult], nproc:
             )
         )
     if ours and off:
-        ratio = ours.requests_per_s / off.requests_per_s if off.requests_per_s else 0.0
         goals.append(
-            Goal(
+            _ratio_goal(
                 f"batching on ≥ {GOAL_BATCHING_RATIO:g}× off at c=64",
-                f"{ours.requests_per_s:.0f} vs {off.requests_per_s:.0f} req/s = {ratio:.2f}×",
-                ratio >= GOAL_BATCHING_RATIO,
+                ours,
+                off,
+                GOAL_BATCHING_RATIO,
             )
         )
     if single:
@@ -451,15 +442,7 @@ def render_rows(results: Sequence[SetupResult]) -> str:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for result in results:
-        for r in result.rows:
-            server_cpu = "n/a" if r.server_cpu_pct is None else f"{r.server_cpu_pct:.0f}%"
-            batch = "n/a" if r.mean_batch is None else f"{r.mean_batch:.1f}"
-            lines.append(
-                f"| {result.name} | {r.scenario.name} | {r.scenario.concurrency} "
-                f"| {r.requests_per_s:.1f} | {r.images_per_s:.0f} | {r.p50_ms:.1f} "
-                f"| {r.p90_ms:.1f} | {r.p99_ms:.1f} | {r.error_text()} | {batch} "
-                f"| {r.client_cpu_pct:.0f}% | {server_cpu} | {r.load1:.2f} |"
-            )
+        lines += [f"| {result.name} {r.cells()}" for r in result.rows]
     return "\n".join(lines) + "\n"
 
 
@@ -593,66 +576,33 @@ def plot(results: Sequence[SetupResult], raw: Sequence[RawResult], path: Path) -
 
 @dataclass
 class Options:
-    """Command-line options (see :func:`parse_args`)."""
+    """Command-line options (see :func:`parse_args`).
 
-    tiny: bool
-    bentoml_home: Path
-    model_tag: str | None
+    ``load`` holds what the setups share with ``bench/serving.py`` (model, client, durations,
+    limits; its ``scenarios`` stay empty: ``scenarios`` here replaces each setup's own).
+    """
+
+    load: serving.Options
     setups: list[str]
     scenarios: str | None
-    duration: int
-    warmup: int
-    images: int
-    client: str
-    host: str
-    workers: int | None
-    timeout: float
-    ready_timeout: float
-    stop_timeout: float
     raw_seconds: float
     training: bool
     training_seconds: float
     output_dir: Path | None
-    work_dir: Path | None
-
-    def serving_options(self) -> serving.Options:
-        """What :func:`bench.serving.run_scenario` reads."""
-        return serving.Options(
-            tiny=self.tiny,
-            bentoml_home=self.bentoml_home,
-            model_tag=self.model_tag,
-            scenarios=[],
-            duration=self.duration,
-            warmup=self.warmup,
-            images=self.images,
-            client=self.client,
-            host=self.host,
-            port=0,
-            workers=self.workers,
-            timeout=self.timeout,
-            ready_timeout=self.ready_timeout,
-            stop_timeout=self.stop_timeout,
-            output=None,
-            work_dir=self.work_dir,
-        )
 
 
 def run(options: Options) -> tuple[dict[str, Any], list[SetupResult]]:
     """Run the whole suite; return the report (JSON-ready) and the setup results."""
-    tool = serving.pick_client(options.client)
+    tool = serving.pick_client(options.load.client)
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     machine = serving.machine_info()  # the commit the servers start from
     load_before = os.getloadavg()
     nproc = len(os.sched_getaffinity(0))
     with contextlib.ExitStack() as stack:
-        if options.work_dir is None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="suite-")))
-        else:
-            workdir = options.work_dir
-            workdir.mkdir(parents=True, exist_ok=True)
+        workdir = serving.workspace(stack, options.load.work_dir, "suite-")
         print("preparing the model ...", file=sys.stderr)
         files = prepare_model(options, workdir)
-        pixels, images, source = real_pixels(options.images)
+        pixels, images, source = real_pixels(options.load.images)
         print("model-only throughput ...", file=sys.stderr)
         raw = raw_throughput(files, pixels, sorted({1, nproc}), options.raw_seconds)
         results = []
@@ -665,9 +615,9 @@ def run(options: Options) -> tuple[dict[str, Any], list[SetupResult]]:
 
         training = training_bench.render(
             training_bench.run_matrix(
-                training_bench.default_matrix(options.tiny),
+                training_bench.default_matrix(options.load.tiny),
                 options.training_seconds,
-                tiny=options.tiny,
+                tiny=options.load.tiny,
             )
         )
     report: dict[str, Any] = {
@@ -677,13 +627,9 @@ def run(options: Options) -> tuple[dict[str, Any], list[SetupResult]]:
         "nice": os.environ.get("BENCH_NICE", ""),
         "model": files.description,
         "images": source,
-        "client": (
-            "`wrk -t1` + `bench/post_multipart.lua`"
-            if tool == "wrk"
-            else "Python aiohttp (`bench/loadgen.py`; wrk not installed)"
-        ),
-        "duration_s": options.duration,
-        "warmup_s": options.warmup,
+        "client": serving.client_description(tool),
+        "duration_s": options.load.duration,
+        "warmup_s": options.load.warmup,
         "raw": [asdict(r) for r in raw],
         "setups": [
             {
@@ -724,26 +670,12 @@ def run(options: Options) -> tuple[dict[str, Any], list[SetupResult]]:
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse the command line into :class:`Options`."""
     parser = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__)
-    parser.add_argument("--tiny", action="store_true", help="random simple_cnn, no registry")
-    parser.add_argument(
-        "--bentoml-home",
-        type=Path,
-        default=default_store_home(),
-    )
-    parser.add_argument("--model-tag", help="default: model_tag in configs/serving.yaml")
+    serving.add_model_arguments(parser, "random simple_cnn, no registry")
+    serving.add_load_arguments(parser)
     parser.add_argument(
         "--setups", default=",".join(SETUPS), help="comma-separated (default: %(default)s)"
     )
     parser.add_argument("--scenarios", help="replace every setup's scenarios (quick runs)")
-    parser.add_argument("--duration", type=int, default=15, help="seconds per scenario")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per scenario")
-    parser.add_argument("--images", type=int, default=512, help="distinct test images")
-    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
-    parser.add_argument("--host", type=serving.loopback, default="127.0.0.1")
-    parser.add_argument("--workers", type=int, default=None, help="override serving workers")
-    parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
-    parser.add_argument("--ready-timeout", type=float, default=180.0)
-    parser.add_argument("--stop-timeout", type=float, default=20.0)
     parser.add_argument("--raw-seconds", type=float, default=3.0, help="per model-only timing")
     parser.add_argument("--skip-training", action="store_true", help="no training-speed table")
     parser.add_argument(
@@ -764,44 +696,23 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         except BenchError as exc:
             parser.error(str(exc))
     return Options(
-        tiny=args.tiny,
-        bentoml_home=args.bentoml_home.resolve(),
-        model_tag=args.model_tag,
+        load=serving.load_options(args, scenarios=[], port=0, output=None),
         setups=setups,
         scenarios=args.scenarios,
-        duration=args.duration,
-        warmup=args.warmup,
-        images=args.images,
-        client=args.client,
-        host=args.host,
-        workers=args.workers,
-        timeout=args.timeout,
-        ready_timeout=args.ready_timeout,
-        stop_timeout=args.stop_timeout,
         raw_seconds=args.raw_seconds,
         training=not args.skip_training,
         training_seconds=args.training_seconds,
         output_dir=None if str(args.output_dir) == "-" else args.output_dir,
-        work_dir=args.work_dir,
     )
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite, write the page, the JSON and the plot; 1 on a failed run."""
     options = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        report, results = run(options)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; servers stopped", file=sys.stderr)
-        return 130
+    outcome = serving.guarded(lambda: run(options), "servers stopped")
+    if isinstance(outcome, int):
+        return outcome
+    report, results = outcome
     page = render_markdown(report, results)
     print(page)
     if options.output_dir is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -117,17 +118,11 @@ class ContainerSettings(_Strict):
     smoke: SmokeSettings
 
 
-def load_container_settings(
-    path: Path | None = None, environ: Mapping[str, str] | None = None
-) -> ContainerSettings:
-    """Read ``configs/container.yaml`` and apply ``FASHION_SERVE_CONTAINER__A__B`` overrides.
-
-    Raises:
-        SettingsError: a missing or malformed file, an unknown key or an invalid value.
-    """
-    return load_settings_file(
-        ContainerSettings, "container.yaml", ENV_PREFIX, path=path, environ=environ
-    )
+#: ``configs/container.yaml`` (or ``path=``) with ``FASHION_SERVE_CONTAINER__A__B`` overrides
+#: (``environ=``); raises ``SettingsError`` for a missing or malformed file or an invalid value.
+load_container_settings = functools.partial(
+    load_settings_file, ContainerSettings, "container.yaml", ENV_PREFIX
+)
 
 
 def work_dir(settings: ContainerSettings) -> Path:

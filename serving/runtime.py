@@ -14,15 +14,8 @@ import bentoml
 import numpy as np
 from numpy.typing import NDArray
 
+from common import preprocess
 from common.model_format import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
-from common.preprocess import (
-    ImageDecodeError,
-    PreprocessSpec,
-    decode_image,
-    prepare_image,
-    softmax,
-    to_model_input,
-)
 from serving.schema import DECODE_STATUS, BadInputError, Prediction
 from serving.settings import ServingConfigError, ServingSettings
 from serving.telemetry import service_metrics
@@ -93,7 +86,7 @@ class ModelRuntime:
         self,
         onnx_path: Path,
         class_names: Sequence[str],
-        spec: PreprocessSpec,
+        spec: preprocess.PreprocessSpec,
         settings: ServingSettings,
     ) -> None:
         if settings.backend == "torch":
@@ -120,7 +113,7 @@ class ModelRuntime:
         return cls(
             Path(model.path_of(ONNX_FILE)),
             [str(name) for name in cast(list[Any], metadata["class_names"])],
-            PreprocessSpec.model_validate(metadata["preprocess"]),
+            preprocess.PreprocessSpec.model_validate(metadata["preprocess"]),
             settings,
         )
 
@@ -153,8 +146,10 @@ class ModelRuntime:
         for index, upload in enumerate(files):
             started = time.perf_counter()
             try:
-                image = decode_image(upload.data, self.limits.max_pixels, self.limits.draft_size)
-            except ImageDecodeError as exc:
+                image = preprocess.decode_image(
+                    upload.data, self.limits.max_pixels, self.limits.draft_size
+                )
+            except preprocess.ImageDecodeError as exc:
                 raise BadInputError(
                     DECODE_STATUS.get(exc.kind, 422), exc.kind, f"{where(index, upload)}: {exc}"
                 ) from exc
@@ -162,7 +157,7 @@ class ModelRuntime:
             if sizes is not None:
                 sizes.append(image.size)
             try:
-                arrays.append(prepare_image(image, self.spec))
+                arrays.append(preprocess.prepare_image(image, self.spec))
             except Exception as exc:
                 raise BadInputError(
                     422,
@@ -171,7 +166,7 @@ class ModelRuntime:
                 ) from exc
             self.metrics.decode_seconds.observe(decoded - started)
             self.metrics.preprocess_seconds.observe(time.perf_counter() - decoded)
-        return to_model_input(arrays)
+        return preprocess.to_model_input(arrays)
 
     def predict(self, pixels: NDArray[np.float32]) -> list[Prediction]:
         """Run the model on ``float32 [N, C, H, W]`` pixels and describe each result."""
@@ -179,7 +174,7 @@ class ModelRuntime:
         logits = self.logits(pixels)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(pixels))
-        probabilities = softmax(logits)
+        probabilities = preprocess.softmax(logits)
         class_ids = probabilities.argmax(axis=1)
         names = self.class_names
         predictions = []

@@ -11,7 +11,8 @@ home, version)`` stores it in the BentoML home ``home`` the way ``make import`` 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,44 @@ __all__ = [
     "bentoml_serve",
     "free_port",
     "import_tiny",
+    "run_ok",
     "serve_env",
+    "tiny_bench_flags",
     "tiny_model",
 ]
 
 ROOT = PROJECT_ROOT
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+
+
+def run_ok(
+    command: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+    cwd: Path = ROOT,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` (in the project root by default), output as text; it must exit 0.
+
+    A failure fails the test with the end of its stderr.
+    """
+    result = subprocess.run(
+        list(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def tiny_bench_flags(tmp_path: Path, output: str, *flags: str) -> list[str]:
+    """Flags for a short ``bench`` run on ``--tiny``'s random model with one worker: ``flags``,
+    the page written to ``tmp_path / output`` and the work files under ``tmp_path / "work"``."""
+    return [
+        "--tiny",
+        "--workers=1",
+        *flags,
+        f"--output={tmp_path / output}",
+        f"--work-dir={tmp_path / 'work'}",
+    ]
 
 
 def serve_env(home: Path, **settings: Any) -> dict[str, str]:

@@ -20,6 +20,7 @@ import pytest
 
 from bench import loadgen, serving, suite, training
 from serving.uploads import parse_multipart, select_files
+from tests.serving_helpers import run_ok, tiny_bench_flags
 
 
 def test_parse_scenarios() -> None:
@@ -79,16 +80,14 @@ def test_metrics_arithmetic_and_visible_errors() -> None:
 @pytest.mark.slow
 def test_benchmark_smoke(tmp_path: Path) -> None:
     options = serving.parse_args(
-        [
-            "--tiny",
+        tiny_bench_flags(
+            tmp_path,
+            "bench.md",
             "--duration=1",
             "--warmup=1",
             "--scenarios=predict:1",
-            "--workers=1",
             "--images=32",
-            f"--output={tmp_path / 'bench.md'}",
-            f"--work-dir={tmp_path / 'work'}",
-        ]
+        )
     )
     report = serving.run(options)
     assert report.cold_start_s > 0
@@ -205,16 +204,7 @@ def run_bench_module(*args: str) -> subprocess.CompletedProcess[str]:
     """``python -m bench.<args>`` in the project, without our settings or metrics env; must pass."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_SERVE_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    result = subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=Path(__file__).resolve().parent.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
+    return run_ok([sys.executable, "-m", *args], env=env, timeout=300)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from common.settings import SettingsError
 from scripts import container
 from scripts.container import ContainerError, ContainerSettings
 from serving import launch
+from tests.serving_helpers import run_ok
 
 FAKE_ENGINE = """#!/bin/sh
 # Records its arguments; `image inspect` finds nothing, `run -d` prints an id, `info` works.
@@ -40,6 +41,13 @@ def fake_tool(folder: Path, name: str, body: str) -> Path:
     path.write_text(body)
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
+
+
+def tools_on_path(monkeypatch: pytest.MonkeyPatch, folder: Path, **tools: str) -> None:
+    """Write each fake tool (name → script) into ``folder`` and put it first on ``PATH``."""
+    for name, body in tools.items():
+        fake_tool(folder, name, body)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
 
 
 def done(returncode: int = 0, stdout: str = "") -> subprocess.CompletedProcess[str]:
@@ -202,9 +210,12 @@ def test_failed_debootstrap_tags_nothing(
     """A failing debootstrap ends in one line naming its log; no image is imported or tagged."""
     bin_dir = tmp_path / "bin"
     calls = tmp_path / "engine.log"
-    fake_tool(bin_dir, "podman", FAKE_ENGINE.format(log=calls))
-    fake_tool(bin_dir, "debootstrap", "#!/bin/sh\necho 'E: no mirror' >&2\nexit 1\n")
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    tools_on_path(
+        monkeypatch,
+        bin_dir,
+        podman=FAKE_ENGINE.format(log=calls),
+        debootstrap="#!/bin/sh\necho 'E: no mirror' >&2\nexit 1\n",
+    )
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     with pytest.raises(
         ContainerError, match=r"debootstrap of bookworm .* failed .*base-build\.log"
@@ -227,9 +238,9 @@ def test_base_that_does_not_run_is_removed_not_tagged(
         'case "$1 $2" in',
         'case "$1 $2" in\n  "import --change=ENV"*) cat > /dev/null ;;\n  "run --rm") exit 1 ;;',
     )
-    fake_tool(bin_dir, "podman", engine)
-    fake_tool(bin_dir, "debootstrap", '#!/bin/sh\nmkdir -p "$4/usr/bin"\n')
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    tools_on_path(
+        monkeypatch, bin_dir, podman=engine, debootstrap='#!/bin/sh\nmkdir -p "$4/usr/bin"\n'
+    )
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     with pytest.raises(ContainerError, match="does not run python3 and uv"):
         container.build_base(settings, "podman", dict(os.environ))
@@ -251,9 +262,9 @@ def test_base_with_another_python_is_not_tagged(
         'case "$1 $2" in\n  "import --change=ENV"*) cat > /dev/null ;;\n'
         '  "run --rm") echo "Python 3.13.5"; echo "uv 0.13.9" ;;',
     )
-    fake_tool(bin_dir, "podman", engine)
-    fake_tool(bin_dir, "debootstrap", '#!/bin/sh\nmkdir -p "$4/usr/bin"\n')
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    tools_on_path(
+        monkeypatch, bin_dir, podman=engine, debootstrap='#!/bin/sh\nmkdir -p "$4/usr/bin"\n'
+    )
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     with pytest.raises(ContainerError, match=r"python3 is 3\.13\.5, bentofile.yaml wants 3\.11"):
         container.build_base(settings, "podman", dict(os.environ))
@@ -275,8 +286,7 @@ def test_container_is_removed_when_a_check_fails(
 ) -> None:
     bin_dir = tmp_path / "bin"
     calls = tmp_path / "engine.log"
-    fake_tool(bin_dir, "podman", FAKE_ENGINE.format(log=calls))
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    tools_on_path(monkeypatch, bin_dir, podman=FAKE_ENGINE.format(log=calls))
     with (
         pytest.raises(ContainerError, match="boom"),
         container.running_container("podman", "img:1", settings.smoke, dict(os.environ)) as box,
@@ -302,16 +312,7 @@ def test_service_image_is_standard_unless_a_base_is_set() -> None:
 
     def image_of(base: str) -> str:
         env = {**os.environ, "FASHION_SERVE_SERVING__IMAGE_BASE": base}
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=Path(__file__).resolve().parent.parent,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-        return result.stdout.strip().splitlines()[-1]
+        return run_ok([sys.executable, "-c", code], env=env).stdout.strip().splitlines()[-1]
 
     assert image_of("") == "None"
     assert image_of("localhost/base:1") == "('localhost/base:1', 'none', [])"

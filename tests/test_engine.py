@@ -14,6 +14,7 @@ from train.engine import (
     PREVIOUS,
     CheckpointError,
     EpochMetrics,
+    Trainer,
     evaluate,
     fit,
     load_checkpoint,
@@ -21,7 +22,6 @@ from train.engine import (
     make_scheduler,
     save_checkpoint,
     set_seed,
-    train_one_epoch,
 )
 from train.models import build_model
 from train.transforms import PRESETS, AugmentationPreset
@@ -203,29 +203,15 @@ def test_an_explicit_cpu_device_gives_the_same_results_as_none() -> None:
     images = torch.randint(0, 256, (24, 1, 28, 28), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 2, (24,), generator=g)
     preset = AugmentationPreset(crop_padding=2, hflip=True, erase_probability=0.5)
-    cfg = _cfg(epochs=1, batch_size=5, scheduler="onecycle")
+    cfg = _cfg(epochs=1, batch_size=5, eval_batch_size=7, scheduler="onecycle", label_smoothing=0.1)
     initial = _model().state_dict()
     runs = []
     for device in (None, "cpu"):
         model = _model()
         model.load_state_dict(initial)
-        generator = set_seed(7)
-        optimizer = make_optimizer(model, cfg)
-        scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=5)
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-        trained = train_one_epoch(
-            model,
-            optimizer,
-            scheduler,
-            criterion,
-            images,
-            labels,
-            cfg,
-            preset,
-            generator,
-            device=device,
-        )
-        result = evaluate(model, images, labels, batch_size=7, device=device)
+        trainer = Trainer(model, cfg, preset, set_seed(7), steps_per_epoch=5, device=device)
+        trained = trainer.epoch(images, labels)
+        result = trainer.evaluate(images, labels)
         runs.append((trained, result, model.state_dict()))
     (loss, accuracy, seen), result, weights = runs[0]
     (loss_cpu, accuracy_cpu, seen_cpu), result_cpu, weights_cpu = runs[1]

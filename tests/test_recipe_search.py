@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from bench import recipe_search
 from bench.recipe_search import Recipe, RecipeError, RecipeResult
+from tests.serving_helpers import run_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_KEYS = {
@@ -238,15 +238,7 @@ def test_parallel_two_through_the_command_line(tiny_recipes: Path, tmp_path: Pat
     output = tmp_path / "recipes.md"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_SERVE_")}
     command = [sys.executable, "-m", "bench.recipe_search", "--recipes", str(tiny_recipes)]
-    result = subprocess.run(
-        [*command, *QUICK, "--parallel=2", f"--output={output}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_ok([*command, *QUICK, "--parallel=2", f"--output={output}"], env)
     lines = {d["name"]: d for d in map(json.loads, result.stdout.splitlines())}
     recipes = {r.name: r for r in recipe_search.load_recipes(tiny_recipes)}
     assert set(lines) == set(recipes)

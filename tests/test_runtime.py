@@ -16,8 +16,8 @@ from numpy.typing import NDArray
 from PIL import Image
 
 import service
+from common import preprocess
 from common.preprocess import prepare_image, to_model_input
-from serving import runtime as runtime_module
 from serving.lineage import served_tag
 from serving.runtime import ModelRuntime
 from serving.schema import (
@@ -94,7 +94,7 @@ def test_prepare_names_the_file(svc: Any, monkeypatch: pytest.MonkeyPatch) -> No
     def cannot_convert(*args: Any) -> None:
         raise ValueError("odd mode")
 
-    monkeypatch.setattr(runtime_module, "prepare_image", cannot_convert)
+    monkeypatch.setattr(preprocess, "prepare_image", cannot_convert)
     with pytest.raises(BadInputError, match="cannot convert") as caught:
         svc.runtime.prepare([Upload("image", None, PNG)], "image")
     assert (caught.value.status, caught.value.kind) == (422, "unconvertible")

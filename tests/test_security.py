@@ -35,6 +35,7 @@ from tests.serving_helpers import (
     bentoml_serve,
     free_port,
     import_tiny,
+    run_ok,
     serve_env,
     tiny_model,
 )
@@ -236,13 +237,8 @@ def test_serve_refuses_to_start_without_the_key(bento_home: Path) -> None:
 
 def make_mlflow_command(port: int, store: Path) -> list[str]:
     """The ``mlflow server`` command ``make mlflow`` runs (dry run, with our port and store)."""
-    printed = subprocess.run(
-        ["make", "-n", "-s", "mlflow", f"MLFLOW_PORT={port}", f"MLFLOW_STORE={store}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+    printed = run_ok(
+        ["make", "-n", "-s", "mlflow", f"MLFLOW_PORT={port}", f"MLFLOW_STORE={store}"], timeout=60
     ).stdout
     joined = printed.replace("\\\n", " ")
     (line,) = [x for x in joined.splitlines() if "mlflow server" in x]

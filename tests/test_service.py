@@ -48,7 +48,7 @@ from tests.serving_fixtures import log_files as log_files
 from tests.serving_fixtures import restore_logging as restore_logging
 from tests.serving_fixtures import svc as svc
 from tests.serving_fixtures import tiny_model as tiny_model
-from tests.serving_helpers import bentoml_serve
+from tests.serving_helpers import bentoml_serve, run_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = serving_helpers.TINY_CLASSES
@@ -619,14 +619,7 @@ def test_readme_examples(served: Served, tmp_path: Path) -> None:
         labels = [body["label"]] if isinstance(body, dict) else [p["label"] for p in body]
         assert labels and all(label in CLASSES for label in labels)
     for code in python:
-        result = subprocess.run(
-            [sys.executable, "-c", code.replace(readme_url, served.url)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
+        result = run_ok([sys.executable, "-c", code.replace(readme_url, served.url)], cwd=tmp_path)
         assert result.stdout.split()[0] in CLASSES
 
 
@@ -634,25 +627,11 @@ def test_bentoml_build_packages_the_model_without_torch(bento_home: Path, tmp_pa
     """``bentoml build`` makes a Bento holding the served model and no torch/MLflow requirement."""
     env = {**os.environ, "BENTOML_HOME": str(bento_home), "BENTOML_DO_NOT_TRACK": "True"}
     bentoml_cli = str(Path(sys.executable).parent / "bentoml")
-    built = subprocess.run(
-        [bentoml_cli, "build", "-f", "bentofile.yaml", "--output", "tag", "."],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    built = run_ok(
+        [bentoml_cli, "build", "-f", "bentofile.yaml", "--output", "tag", "."], env, timeout=600
     )
-    assert built.returncode == 0, built.stderr[-3000:]
     tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    info = subprocess.run(
-        [bentoml_cli, "get", tag, "-o", "json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    info = run_ok([bentoml_cli, "get", tag, "-o", "json"], env)
     bento = json.loads(info.stdout)
     # BentoML 1.4 lists a new-style service's models under its service entry.
     served_models = [m["tag"] for svc in bento["services"] for m in svc["models"]]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import serving, soak
+from tests.serving_helpers import tiny_bench_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,16 +82,9 @@ def test_verdict_needs_zero_errors_and_bounded_growth() -> None:
 @pytest.mark.slow
 def test_short_soak_with_a_tiny_model(tmp_path: Path) -> None:
     options = soak.parse_args(
-        [
-            "--tiny",
-            "--duration=6",
-            "--interval=2",
-            "--warmup=1",
-            "--workers=1",
-            "--images=64",
-            f"--output={tmp_path / 'soak.md'}",
-            f"--work-dir={tmp_path / 'work'}",
-        ]
+        tiny_bench_flags(
+            tmp_path, "soak.md", "--duration=6", "--interval=2", "--warmup=1", "--images=64"
+        )
     )
     report = soak.run(options)
     assert len(report.intervals) == 3

@@ -28,7 +28,7 @@ from PIL import Image
 
 from common.model_format import LABEL_ALIAS, LABEL_NAME
 from serving.bentoml_bridge import model_store_at
-from tests.serving_helpers import bentoml_serve
+from tests.serving_helpers import bentoml_serve, run_ok
 from train.__main__ import main
 from train.config import load_settings
 
@@ -179,28 +179,13 @@ def test_user_guide_end_to_end(
         curls = [w for w in commands if w[0] == "curl"]
         assert len(curls) == 2
         for words in curls:
-            out = subprocess.run(
-                [w.replace(GUIDE_URL, url) for w in words],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            ).stdout
+            out = run_ok([w.replace(GUIDE_URL, url) for w in words], timeout=60).stdout
             body = json.loads(out)
             answers = [body] if isinstance(body, dict) else body
             assert len(answers) == (1 if words[-1].endswith("/predict") else 2)
             for answer in answers:
                 assert answer["label"] in SHAPES and list(answer["scores"]) == SHAPES
         [client_code] = guide_blocks("python")
-        result = subprocess.run(
-            [sys.executable, "-c", client_code.replace(GUIDE_URL, url)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
+        result = run_ok([sys.executable, "-c", client_code.replace(GUIDE_URL, url)], env)
         label, confidence, *_ = result.stdout.split()
         assert label in SHAPES and 0.0 < float(confidence) <= 1.0

@@ -183,6 +183,60 @@ def train_one_epoch(
     return total_loss / max(seen, 1), correct / max(seen, 1), seen
 
 
+@dataclass
+class Trainer:
+    """``model`` with what :func:`fit` trains it with: the parts of :func:`make_training_parts`
+    for ``steps_per_epoch`` batches an epoch, ``preset`` and ``generator``, on ``device``.
+
+    :func:`fit`, the recipe search and the tests train and validate through it, so they run the
+    same sequence.
+    """
+
+    model: nn.Module
+    cfg: TrainConfig
+    preset: AugmentationPreset
+    generator: torch.Generator
+    steps_per_epoch: int
+    device: torch.device | str | None = None
+    optimizer: torch.optim.Optimizer = field(init=False)
+    scheduler: torch.optim.lr_scheduler.LRScheduler = field(init=False)
+    criterion: nn.Module = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.optimizer, self.scheduler, self.criterion = make_training_parts(
+            self.model, self.cfg, self.steps_per_epoch
+        )
+
+    def epoch(
+        self, images: torch.Tensor, labels: torch.Tensor, description: str = "train"
+    ) -> tuple[float, float, int]:
+        """:func:`train_one_epoch` over ``images``: mean loss, accuracy, images seen."""
+        return train_one_epoch(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.criterion,
+            images,
+            labels,
+            self.cfg,
+            self.preset,
+            self.generator,
+            description=description,
+            device=self.device,
+        )
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+        """:func:`evaluate` with the settings' batch size and memory format."""
+        return evaluate(
+            self.model,
+            images,
+            labels,
+            self.cfg.eval_batch_size,
+            self.cfg.channels_last,
+            device=self.device,
+        )
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -324,7 +378,8 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     images, labels = train_data
     steps_per_epoch = (int(labels.shape[0]) + cfg.batch_size - 1) // cfg.batch_size
-    optimizer, scheduler, criterion = make_training_parts(model, cfg, steps_per_epoch)
+    trainer = Trainer(model, cfg, preset, generator, steps_per_epoch)
+    optimizer, scheduler = trainer.optimizer, trainer.scheduler
     state = TrainState()
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
@@ -335,20 +390,11 @@ def fit(
     while state.epoch < cfg.epochs and not state.stopped_early:
         epoch = state.epoch + 1
         start = time.perf_counter()
-        train_loss, train_acc, seen = train_one_epoch(
-            model,
-            optimizer,
-            scheduler,
-            criterion,
-            images,
-            labels,
-            cfg,
-            preset,
-            generator,
-            description=f"epoch {epoch}/{cfg.epochs}",
+        train_loss, train_acc, seen = trainer.epoch(
+            images, labels, description=f"epoch {epoch}/{cfg.epochs}"
         )
         elapsed = time.perf_counter() - start
-        result = evaluate(model, *val_data, cfg.eval_batch_size, cfg.channels_last)
+        result = trainer.evaluate(*val_data)
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=train_loss,

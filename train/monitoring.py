@@ -105,6 +105,25 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(ordered[rank - 1])
 
 
+def _threshold_alert(
+    name: str,
+    value: float,
+    threshold: float,
+    count: int,
+    min_requests: int,
+    measured: str,
+    suffix: str = "",
+) -> AlertResult:
+    """A rule that fires when ``value`` is over ``threshold`` and ``count`` requests measured it.
+
+    ``measured`` opens the detail up to the threshold; it is closed with a note of the requests
+    still missing (if any), ``)`` and ``suffix``.
+    """
+    enough = count >= min_requests
+    detail = measured + ("" if enough else f", needs {min_requests} requests") + ")" + suffix
+    return AlertResult(name, enough and value > threshold, value, threshold, detail)
+
+
 def evaluate_alerts(
     requests: Sequence[Mapping[str, Any]],
     predictions: Sequence[Mapping[str, Any]],
@@ -129,33 +148,30 @@ def evaluate_alerts(
 
     errors = sum(int(r.get("status", 500)) >= rules.error_rate.min_status for r in recent)
     rate = errors / len(recent) if recent else 0.0
-    enough = len(recent) >= rules.error_rate.min_requests
     results.append(
-        AlertResult(
+        _threshold_alert(
             "error_rate",
-            enough and rate > rules.error_rate.threshold,
             rate,
             rules.error_rate.threshold,
+            len(recent),
+            rules.error_rate.min_requests,
             f"{errors}/{len(recent)} requests with status >= {rules.error_rate.min_status} "
-            f"({rate:.1%}, threshold {rules.error_rate.threshold:.1%}"
-            + ("" if enough else f", needs {rules.error_rate.min_requests} requests")
-            + f") in the last {settings.window}",
+            f"({rate:.1%}, threshold {rules.error_rate.threshold:.1%}",
+            f" in the last {settings.window}",
         )
     )
 
     latencies = [float(r["latency_ms"]) for r in recent if "latency_ms" in r]
     p99 = percentile(latencies, 99) if latencies else 0.0
-    enough = len(latencies) >= rules.p99_latency.min_requests
     results.append(
-        AlertResult(
+        _threshold_alert(
             "p99_latency",
-            enough and p99 > rules.p99_latency.threshold_ms,
             p99,
             rules.p99_latency.threshold_ms,
+            len(latencies),
+            rules.p99_latency.min_requests,
             f"p99 {p99:.1f} ms over {len(latencies)} requests (threshold "
-            f"{rules.p99_latency.threshold_ms:g} ms"
-            + ("" if enough else f", needs {rules.p99_latency.min_requests} requests")
-            + ")",
+            f"{rules.p99_latency.threshold_ms:g} ms",
         )
     )
 
