@@ -137,7 +137,8 @@ def find_api_call(app: Any, name: str) -> ApiCall | None:
 
     BentoML's route endpoint for an API is a ``functools.partial`` of its app factory's
     ``api_endpoint_wrapper``; the factory owns the batchers (``batch_infer``) and, once the
-    worker has started, the service instance. ``None`` where the app is not laid out that way.
+    worker has started, the service instance. ``None`` where the app is not laid out that way,
+    or where ``batch_infer`` takes other parameters (a call would fail on every request).
     """
     for route in getattr(app, "routes", ()):
         endpoint = getattr(route, "endpoint", None)
@@ -147,6 +148,11 @@ def find_api_call(app: Any, name: str) -> ApiCall | None:
             if not isinstance(dispatchers, dict) or not hasattr(factory, "_service_instance"):
                 return None
             if name in dispatchers:
+                batch_infer = getattr(type(factory), "batch_infer", None)
+                if batch_infer is None or (
+                    tuple(inspect.signature(batch_infer).parameters) != BATCH_INFER_PARAMETERS
+                ):
+                    return None
                 return _batched_call(factory, name)
             return _method_call(factory, name)
     return None

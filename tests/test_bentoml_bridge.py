@@ -50,6 +50,20 @@ def test_a_changed_batch_infer_signature_fails_the_check(monkeypatch: pytest.Mon
         check_layout()
 
 
+def test_a_changed_batch_infer_makes_the_gate_fall_back(
+    bento_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A direct call that would fail on every request is never used: the endpoint path is."""
+    app = CLASSIFIER.to_asgi()
+    assert find_api_call(app, "predict") is not None
+
+    async def batch_infer(self: Any, name: str, args: tuple[Any, ...]) -> Any:
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(app_module.ServiceAppFactory, "batch_infer", batch_infer)
+    assert find_api_call(app, "predict") is None
+
+
 def test_a_missing_app_factory_fails_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(app_module, "ServiceAppFactory")
     with pytest.raises(BentoMLLayoutError, match="ServiceAppFactory is gone"):
