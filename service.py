@@ -22,7 +22,7 @@ from common.alerts import load_alert_settings
 from common.drift import DriftMonitor, Reference
 from common.model_format import REFERENCE_FILE
 from serving.gate import ApiKeyGuard, UploadGate
-from serving.lineage import model_info, served_tag
+from serving.lineage import batch_costs, model_info, served_tag
 from serving.openapi import service_document
 from serving.runtime import ModelRuntime
 from serving.schema import (
@@ -37,6 +37,9 @@ from serving.telemetry import PredictionRecorder, configure_logging, service_met
 
 SETTINGS = load_serving_settings()
 ALERTS = load_alert_settings()
+SERVED_TAG = served_tag(SETTINGS)
+# The model's measured cost per image by batch size caps adaptive batching (serving.settings).
+BATCH_COSTS = batch_costs(SERVED_TAG)
 # `bentoml serve` imports this module before it spawns the workers, so they inherit the cap on
 # glibc's malloc arenas (flat memory under load, docs/soak.md); an explicit environment wins.
 if SETTINGS.malloc_arena_max is not None:
@@ -57,7 +60,7 @@ class Classifier:
     """Image classifier: the current import of the configured alias on ONNX Runtime."""
 
     # Resolved at import, so `bentoml build` packages exactly this entry (serving.lineage).
-    model_ref = bentoml.models.BentoModel(served_tag(SETTINGS))
+    model_ref = bentoml.models.BentoModel(SERVED_TAG)
 
     def __init__(self) -> None:
         configure_logging(SETTINGS.logging)
@@ -91,14 +94,16 @@ class Classifier:
             gc.freeze()
 
     @bentoml.api(  # type: ignore[untyped-decorator]
-        **SETTINGS.predict.api_options(), input_spec=PredictInput, output_spec=PredictOutput
+        **SETTINGS.predict.api_options(BATCH_COSTS, SETTINGS.batch_cost_tolerance),
+        input_spec=PredictInput,
+        output_spec=PredictOutput,
     )
     async def predict(self, image: NDArray[np.float32]) -> list[Prediction]:
         """Classify one image (multipart file field ``image``); concurrent calls are batched."""
         return await self.runtime.predict_async(image)
 
     @bentoml.api(  # type: ignore[untyped-decorator]
-        **SETTINGS.batch_predict.api_options(),
+        **SETTINGS.batch_predict.api_options(BATCH_COSTS, SETTINGS.batch_cost_tolerance),
         input_spec=BatchPredictInput,
         output_spec=BatchPredictOutput,
     )

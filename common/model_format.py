@@ -18,3 +18,5 @@ LABEL_VERSION = "registered_version"
 LABEL_ALIAS = "alias"
 LABEL_RUN = "run_id"
 LABEL_COMMIT = "git_commit"
+#: Metadata key: ONNX Runtime's measured milliseconds per image by batch size, at import.
+BATCH_PROFILE = "batch_profile"

@@ -22,7 +22,14 @@ from typing import Any, cast
 import bentoml
 from bentoml.exceptions import NotFound
 
-from common.model_format import LABEL_ALIAS, LABEL_COMMIT, LABEL_NAME, LABEL_RUN, LABEL_VERSION
+from common.model_format import (
+    BATCH_PROFILE,
+    LABEL_ALIAS,
+    LABEL_COMMIT,
+    LABEL_NAME,
+    LABEL_RUN,
+    LABEL_VERSION,
+)
 from serving.schema import ModelInfo
 from serving.settings import ServingSettings
 
@@ -101,3 +108,18 @@ def model_info(stored: bentoml.Model) -> ModelInfo:
         metrics={str(k): float(v) for k, v in metrics.items()},
         class_names=[str(n) for n in cast(list[Any], metadata.get("class_names") or [])],
     )
+
+
+def batch_costs(tag: str) -> dict[int, float] | None:
+    """Milliseconds per image by batch size that ``import`` measured for ``tag``, if any.
+
+    ``None`` for a model imported before the measurement existed, or not in the store (e.g.
+    writing the OpenAPI document without a model).
+    """
+    try:
+        metadata = bentoml.models.get(tag).info.metadata
+    except NotFound:
+        return None
+    profile = cast(dict[str, Any], metadata.get(BATCH_PROFILE) or {})
+    costs = cast(dict[str, float], profile.get("ms_per_image") or {})
+    return {int(size): float(cost) for size, cost in costs.items()} or None

@@ -74,19 +74,39 @@ class BatchingSettings(_Strict):
         gt=0, description="Queue wait + estimated batch time after which BentoML answers 503."
     )
 
-    def api_options(self) -> dict[str, object]:
-        """``@bentoml.api`` arguments: adaptive batching, or none when ``max_batch_size`` is 1.
+    fit_to_model: bool = Field(
+        True,
+        description="Cap max_batch_size by the model's measured cost per image (recorded at "
+        "import): batch no larger than the model still runs as cheaply per image as it can.",
+    )
+
+    def batch_size_for(self, ms_per_image: Mapping[int, float] | None, tolerance: float) -> int:
+        """The largest profiled batch size within ``tolerance`` of the cheapest per image.
+
+        A big network on a CPU runs each image slower in a large batch (its activations leave
+        the cache), a small one faster; batching beyond the cheapest size only costs throughput.
+        Without a profile (or with ``fit_to_model`` off) it is ``max_batch_size``.
+        """
+        if not self.fit_to_model or not ms_per_image:
+            return self.max_batch_size
+        sizes = {size: cost for size, cost in ms_per_image.items() if size <= self.max_batch_size}
+        if not sizes:
+            return self.max_batch_size
+        cheapest = min(sizes.values())
+        return max(size for size, cost in sizes.items() if cost <= cheapest * (1 + tolerance))
+
+    def api_options(
+        self, ms_per_image: Mapping[int, float] | None = None, tolerance: float = 0.0
+    ) -> dict[str, object]:
+        """``@bentoml.api`` arguments: adaptive batching, or none when the batch size is 1.
 
         BentoML refuses a batch size of 1; without ``batchable`` every request is one model call
         (the "batching off" benchmark), with the same input and output as when batched.
         """
-        if self.max_batch_size == 1:
+        size = self.batch_size_for(ms_per_image, tolerance)
+        if size == 1:
             return {"batchable": False}
-        return {
-            "batchable": True,
-            "max_batch_size": self.max_batch_size,
-            "max_latency_ms": self.max_latency_ms,
-        }
+        return {"batchable": True, "max_batch_size": size, "max_latency_ms": self.max_latency_ms}
 
 
 class LimitSettings(_Strict):
@@ -160,6 +180,13 @@ class ServingSettings(_Strict):
     )
     predict: BatchingSettings
     batch_predict: BatchingSettings
+    batch_cost_tolerance: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="fit_to_model: a batch size counts as cheapest when its cost per image is "
+        "within this share of the cheapest measured.",
+    )
     timeout_s: float = Field(gt=0)
     max_concurrency: int = Field(ge=1)
     limits: LimitSettings

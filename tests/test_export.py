@@ -20,7 +20,7 @@ from torch import nn
 from common.model_format import ONNX_FILE
 from common.preprocess import PreprocessSpec, to_model_input
 from serving.bentoml_bridge import model_store_at
-from serving.lineage import choose_served
+from serving.lineage import batch_costs, choose_served
 from tests.conftest import MakeSettings
 from train import export, tracking
 from train.config import ExportConfig, ModelConfig
@@ -131,6 +131,14 @@ def test_import_stores_onnx_metadata_and_lineage(store: Path) -> None:
     assert metadata["lineage"]["metrics"] == {"val_accuracy": 0.91}
     assert metadata["lineage"]["alias"] == "champion"
     assert metadata["onnx"]["parity_max_abs_diff"] <= 1e-4
+    # The cost per image at each configured batch size, which caps the service's batching.
+    profile = metadata["batch_profile"]
+    assert profile["threads"] == 1
+    assert sorted(int(size) for size in profile["ms_per_image"]) == [1, 2, 4, 8, 16, 32, 64]
+    assert all(cost > 0 for cost in profile["ms_per_image"].values())
+    assert batch_costs(str(stored.tag)) == {
+        int(size): cost for size, cost in profile["ms_per_image"].items()
+    }
     served = onnx_logits(Path(stored.path_of(ONNX_FILE)), pixel_batch())
     assert served.shape == (8, len(CLASSES))
 

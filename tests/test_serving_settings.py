@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,12 +11,15 @@ from pathlib import Path
 import pytest
 
 import service
+from serving.bentoml_bridge import model_store_at
+from serving.lineage import batch_costs
 from serving.runtime import onnx_session_options
 from serving.settings import (
     BatchingSettings,
     ServingConfigError,
     load_serving_settings,
 )
+from train.tiny import import_tiny, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,3 +112,49 @@ def test_batch_size_one_turns_batching_off() -> None:
     on = service.SETTINGS.predict.api_options()
     assert on["batchable"] is True
     assert on["max_batch_size"] == service.SETTINGS.predict.max_batch_size
+
+
+def test_batch_size_fits_the_models_cost_per_image() -> None:
+    """Batch no larger than the model still runs as cheaply per image as it can."""
+    batching = BatchingSettings(max_batch_size=64, max_latency_ms=100)
+    small_model = {1: 0.67, 8: 0.63, 16: 0.61, 64: 0.60, 128: 0.59}  # cheaper in a batch
+    big_model = {1: 12.06, 2: 12.21, 4: 12.89, 16: 15.98, 64: 17.53}  # dearer in a batch
+    assert batching.batch_size_for(small_model, 0.05) == 64  # capped by max_batch_size
+    assert batching.batch_size_for(big_model, 0.05) == 2
+    assert batching.batch_size_for(big_model, 0.0) == 1
+    assert batching.api_options(big_model, 0.0) == {"batchable": False}
+    assert batching.api_options(big_model, 0.05) == {
+        "batchable": True,
+        "max_batch_size": 2,
+        "max_latency_ms": 100,
+    }
+    assert batching.batch_size_for(None, 0.05) == 64  # a model imported before profiling
+    unfitted = batching.model_copy(update={"fit_to_model": False})
+    assert unfitted.batch_size_for(big_model, 0.05) == 64
+
+
+def test_the_service_batches_by_the_served_models_profile(tmp_path: Path) -> None:
+    """``import service`` reads the imported model's profile into its APIs' batch sizes."""
+    tag = import_tiny(tiny_model(), tmp_path)
+    with model_store_at(tmp_path):
+        costs = batch_costs(tag)
+    assert costs is not None and sorted(costs) == [1, 2, 4, 8, 16, 32, 64]
+    code = (
+        "import json, service; apis = service.Classifier.apis; "
+        "print(json.dumps({n: [a.batchable, a.max_batch_size] for n, a in apis.items()}))"
+    )
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    settings = load_serving_settings(environ={})
+    for name, batching in (
+        ("predict", settings.predict),
+        ("batch_predict", settings.batch_predict),
+    ):
+        size = batching.batch_size_for(costs, settings.batch_cost_tolerance)
+        batchable, max_batch_size = served[name]
+        assert batchable is (size > 1)
+        assert not batchable or max_batch_size == size

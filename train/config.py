@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from common.settings import (
     PROJECT_ROOT,
@@ -152,6 +152,15 @@ class ExportConfig(_Section):
     )
     reference_sample: int = Field(
         2000, ge=10, description="Values per feature kept in reference.json (histograms, KS)."
+    )
+    batch_profile_sizes: list[PositiveInt] = Field(
+        [1, 2, 4, 8, 16, 32, 64],
+        min_length=1,
+        description="Batch sizes whose ONNX Runtime cost per image import records (the service "
+        "batches no larger than the cheapest of them).",
+    )
+    batch_profile_seconds: float = Field(
+        0.3, gt=0, le=10, description="Timing per batch size when profiling at import."
     )
 
 

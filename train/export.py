@@ -30,6 +30,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from torch import nn
 
 from common.drift import Reference, build_reference
 from common.model_format import (
+    BATCH_PROFILE,
     INPUT_NAME,
     LABEL_ALIAS,
     LABEL_COMMIT,
@@ -113,6 +115,34 @@ def onnx_logits(onnx_path: Path, batch: NDArray[np.float32]) -> NDArray[np.float
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     outputs = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
     return np.asarray(outputs[0], dtype=np.float32)
+
+
+def batch_profile(
+    onnx_path: Path, spec: PreprocessSpec, sizes: list[int], seconds: float
+) -> dict[str, Any]:
+    """ONNX Runtime's milliseconds per image at each batch size, one thread (as served).
+
+    The service caps adaptive batching at the largest size that is still about as cheap per
+    image as the cheapest (``serving.settings.BatchingSettings.batch_size_for``).
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.enable_mem_pattern = False
+    session = ort.InferenceSession(
+        str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    rng = np.random.default_rng(0)
+    side = spec.image_size
+    costs: dict[str, float] = {}
+    for size in sorted(set(sizes)):
+        batch = rng.integers(0, 256, size=(size, spec.channels, side, side)).astype(np.float32)
+        session.run([OUTPUT_NAME], {INPUT_NAME: batch})  # the first run allocates
+        images, started = 0, time.perf_counter()
+        while images == 0 or time.perf_counter() - started < seconds:
+            session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+            images += size
+        costs[str(size)] = round((time.perf_counter() - started) * 1000 / images, 4)
+    return {"threads": 1, "ms_per_image": costs}
 
 
 def check_parity(
@@ -321,6 +351,7 @@ def import_to_bento(
             if reference_data is None
             else compute_reference(onnx_path, class_names, reference_data, cfg)
         )
+        profile = batch_profile(onnx_path, spec, cfg.batch_profile_sizes, cfg.batch_profile_seconds)
         labels = lineage_labels(lineage)
         metadata: dict[str, Any] = {
             "class_names": list(class_names),
@@ -337,6 +368,7 @@ def import_to_bento(
                 "parity_images": int(parity_batch.shape[0]),
             },
         }
+        metadata[BATCH_PROFILE] = profile
         if reference is not None:
             metadata["monitoring"] = {
                 "reference": REFERENCE_FILE,
