@@ -234,6 +234,7 @@ class LineBatcher:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="log-lines", daemon=True)
             self._thread.start()
+            atexit.register(self.flush)  # a normal exit writes what is still held
         self._wake.set()  # a waiting thread takes the new interval now
 
     def _run(self) -> None:
@@ -261,7 +262,6 @@ class LineBatcher:
 
 
 LINES = LineBatcher()
-atexit.register(LINES.flush)
 
 
 class RequestLog:
