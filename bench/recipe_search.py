@@ -1,7 +1,7 @@
 """Recipe search: which training recipe reaches which Fashion-MNIST test accuracy, for how much compute.
 
 ``python -m bench.recipe_search [--recipes configs/recipes.yaml] [--only NAME,...]
-[--device auto|cpu|cuda] [--parallel N] [--threads T] [--cpu-throughput] [--output FILE.md]``
+[--device auto|cpu|cuda] [--precision fp32|bf16|fp16] [--parallel N] [--threads T] [--cpu-throughput] [--output FILE.md]``
 (``make recipe-search`` runs every recipe of ``configs/recipes.yaml`` this way.)
 
 A recipe (:class:`Recipe`, one entry of the recipe file) names an architecture of
@@ -17,6 +17,9 @@ and the validation share. Every recipe trains with the project's own pieces, not
 - optimiser, schedule and loss: :class:`train.engine.Trainer`, as ``fit`` uses them
   (SGD with Nesterov momentum, OneCycle per batch, label smoothing);
 - augmentation: :class:`train.transforms.AugmentationPreset`, on the CPU;
+- device and precision: :func:`train.device.resolve_device` (the resolver of ``train.device``)
+  and ``--precision`` (autocast on CUDA, as ``train.precision``); on a GPU the images are kept in
+  its memory (:func:`train.engine.place_data`);
 - each epoch: :func:`train.engine.train_one_epoch` on ``--device``, then the validation accuracy
   from :func:`train.engine.evaluate`; after the last epoch the test accuracy (the 10,000 test
   images). No early stopping and no EMA (it did not help): the last epoch's weights are tested.
@@ -36,7 +39,8 @@ the 2-core, 60-minute training budget. Run it on the machine the budget is for;
 
 A full recipe takes minutes on a GPU and hours on 2 CPU cores. ``--limit-per-class 20`` with a
 width-4 recipe makes a seconds-long run (the tests). A bad recipe file, an unknown recipe name or
-model, or an unavailable device is reported in one line, with exit code 2.
+model, an unavailable device or a precision the device cannot train in (bf16/fp16 on the CPU) is
+reported in one line, with exit code 2.
 """
 
 from __future__ import annotations
@@ -60,9 +64,10 @@ from torch import nn
 
 from common.preprocess import PreprocessSpec
 from common.settings import SettingsError, one_line, read_yaml_mapping
-from train.config import DataConfig, ModelConfig, TrainConfig, load_settings
+from train import device as train_device
+from train.config import DataConfig, ModelConfig, Precision, TrainConfig, load_settings
 from train.data import FASHION_MNIST_CLASSES, DataBundle, load_data, to_tensors
-from train.engine import Trainer, set_seed
+from train.engine import Trainer, place_data, set_seed
 from train.models import ARCHITECTURES, build_model
 from train.transforms import AugmentationPreset
 
@@ -76,7 +81,8 @@ EVAL_BATCH_SIZE = 1000
 
 
 class RecipeError(ValueError):
-    """A recipe file, recipe name, model or device problem, in one line."""
+    """A recipe file, recipe name or model problem, in one line (a device or precision problem
+    is a :class:`train.device.DeviceError`)."""
 
 
 class Recipe(BaseModel):
@@ -108,9 +114,12 @@ class Recipe(BaseModel):
         """The :class:`ModelConfig` to build: this architecture and width, flip TTA on."""
         return ModelConfig(name=self.model, width=self.width, flip_tta=True)
 
-    def train_settings(self, channels_last: bool = False) -> TrainConfig:
+    def train_settings(
+        self, channels_last: bool = False, precision: Precision = "fp32"
+    ) -> TrainConfig:
         """The :class:`TrainConfig`: SGD + OneCycle with this recipe's numbers, no progress bar."""
         return TrainConfig(
+            precision=precision,
             epochs=self.epochs,
             batch_size=self.batch_size,
             eval_batch_size=EVAL_BATCH_SIZE,
@@ -138,6 +147,7 @@ class RunOptions:
     limit_per_class: int | None = None
     data_path: Path | None = None
     channels_last: bool = False
+    precision: Precision = "fp32"
 
 
 @dataclass(frozen=True)
@@ -258,14 +268,12 @@ def select(recipes: Sequence[Recipe], names: Sequence[str]) -> list[Recipe]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` = CUDA when available, else the CPU; ``cuda`` without CUDA is a :class:`RecipeError`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("--device cuda, but torch sees no CUDA device")
-    if name not in ("cpu", "cuda"):
-        raise RecipeError(f"unknown device '{name}' (auto, cpu or cuda)")
-    return torch.device(name)
+    """``--device``, by the resolver ``python -m train`` uses for ``train.device``.
+
+    ``auto`` = CUDA when available, else the CPU; ``cuda`` without CUDA is a
+    :class:`train.device.DeviceError` (a one-line settings error, exit code 2 here).
+    """
+    return train_device.resolve_device(name, "--device")
 
 
 # --------------------------------------------------------------------------- training
@@ -284,9 +292,7 @@ def load_bundle(
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "CPU"
+    return train_device.device_description(device)
 
 
 def run_recipe(recipe: Recipe, options: RunOptions) -> RecipeResult:
@@ -296,12 +302,13 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> RecipeResult:
     """
     device = torch.device(options.device)
     bundle = load_bundle(recipe.val_fraction, options.limit_per_class, options.data_path)
-    images, labels = to_tensors(bundle.train)
-    val_data = to_tensors(bundle.val)
-    test_data = to_tensors(bundle.test)
+    # On a GPU the images stay in its memory when they fit (Fashion-MNIST: 47 MB).
+    images, labels = place_data(to_tensors(bundle.train), device)
+    val_data = place_data(to_tensors(bundle.val), device)
+    test_data = place_data(to_tensors(bundle.test), device)
     started = time.perf_counter()
     generator = set_seed(recipe.seed)
-    cfg = recipe.train_settings(options.channels_last)
+    cfg = recipe.train_settings(options.channels_last, options.precision)
     model: nn.Module = build_model(recipe.model_settings(), bundle.spec, len(bundle.classes))
     model = model.to(device)
     if cfg.channels_last:
@@ -535,7 +542,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--recipes", type=Path, default=DEFAULT_RECIPES, help="recipe YAML file")
     parser.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
     parser.add_argument("--list", action="store_true", help="print the recipes and exit")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=train_device.DEVICE_NAMES, default="auto")
+    parser.add_argument(
+        "--precision",
+        choices=train_device.PRECISIONS,
+        default="fp32",
+        help="bf16/fp16: autocast on CUDA (fp16 with a gradient scaler); the CPU takes fp32 only",
+    )
     parser.add_argument("--parallel", type=_positive, default=1, help="recipes at once")
     parser.add_argument(
         "--threads", type=_positive, default=None, help="torch threads per recipe (1 if parallel)"
@@ -573,13 +586,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(recipe.model_dump()))
             return 0
         device = resolve_device(args.device)
+        precision = train_device.check_precision(args.precision, device, "--precision")
         load_settings()  # a broken configs/data.yaml is a usage error, before any work
     except (RecipeError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     threads = args.threads if args.threads is not None else (1 if args.parallel > 1 else None)
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cpu"
-    options = RunOptions(str(device), threads, args.limit_per_class, args.data, channels_last)
+    options = RunOptions(
+        str(device), threads, args.limit_per_class, args.data, channels_last, precision
+    )
     speeds: dict[tuple[str, int, int, int, float], float] = {}
     if args.cpu_throughput or args.price_only:
         speeds = price(recipes, args.throughput_steps, args.channels_last is not False)

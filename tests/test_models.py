@@ -376,6 +376,27 @@ def test_flip_tta_averages_the_mirror_in_eval_mode_only() -> None:
     assert not torch.allclose(single, expected)
 
 
+@pytest.mark.parametrize(
+    ("flip_tta", "trained_with_flips", "expected"),
+    [
+        ("auto", False, False),
+        ("auto", True, True),
+        (True, False, True),
+        (False, True, False),
+    ],
+)
+def test_flip_tta_auto_follows_the_training_augmentation(
+    flip_tta: bool | str, trained_with_flips: bool, expected: bool
+) -> None:
+    cfg = ModelConfig.model_validate({"name": "simple_cnn", "width": 4, "flip_tta": flip_tta})
+    model = build_model(cfg, PreprocessSpec(), 3, trained_with_flips=trained_with_flips)
+    assert model.flip_tta is expected
+    # Without a word about the training augmentation, auto means off.
+    assert (
+        build_model(ModelConfig(name="simple_cnn", width=4), PreprocessSpec(), 3).flip_tta is False
+    )
+
+
 def test_models_pickled_before_flip_tta_still_run() -> None:
     model = build_model(ModelConfig(name="simple_cnn", width=4), PreprocessSpec(), 10).eval()
     del model.__dict__["flip_tta"]  # as unpickled from a run logged before the option existed

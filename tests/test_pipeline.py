@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from train import tracking
 from train.config import Settings
 from train.data import DataError
+from train.device import resolve_placement
 from train.engine import CheckpointError
 from train.models import ModelError
 from train.pipeline import latest_checkpoint, run_data, run_evaluate, run_fit, spec_from_metadata
@@ -35,6 +36,17 @@ def test_fit_logs_metrics_artifacts_and_model(make_settings: MakeSettings) -> No
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == settings.model.name
+    # What train.device auto and train.precision became here (no GPU in the tests' machines is
+    # assumed: the device is whatever the resolver says).
+    placement = resolve_placement(settings.train.device, settings.train.precision)
+    assert run.data.params["train.device"] == "auto"
+    assert run.data.params["device"] == str(placement.device)
+    assert run.data.params["device_name"] == placement.params()["device_name"]
+    assert run.data.params["precision"] == "fp32"
+    # Fashion-MNIST trains with flips by default, so auto flip TTA is on.
+    assert run.data.params["data.augmentation"] == "flip"
+    assert run.data.params["model.flip_tta"] == "auto"
+    assert run.data.params["flip_tta"] == "true"
     assert [m.step for m in client.get_metric_history(outcome.run_id, "val_accuracy")] == [1, 2]
     for key in ("train_loss", "lr", "epoch_seconds", "images_per_second", "test_accuracy"):
         assert key in run.data.metrics
@@ -69,6 +81,10 @@ def test_fit_on_an_image_folder(make_settings: MakeSettings, image_folder: Path)
     info = mlflow.models.get_model_info(outcome.model_uri)
     classes, spec = spec_from_metadata(info.metadata)
     assert spec.image_size == 16 and spec.channels == 3
+    # An image folder trains without flips by default, hence without flip TTA.
+    params = MlflowClient().get_run(outcome.run_id).data.params
+    assert (params["data.augmentation"], params["flip_tta"]) == ("none", "false")
+    assert mlflow.pytorch.load_model(outcome.model_uri).flip_tta is False
     assert classes == sorted(classes) and len(classes) >= 2
 
 

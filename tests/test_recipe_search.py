@@ -171,6 +171,33 @@ def test_usage_errors_exit_2_with_one_line(
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device=cuda"], "error: --device is cuda but no CUDA device is available (torch "),
+        (
+            ["--device=cpu", "--precision=bf16"],
+            "error: --precision is bf16 but training runs on the CPU: mixed precision",
+        ),
+        (["--device=auto", "--precision=fp16"], "error: --precision is fp16 but training runs"),
+    ],
+)
+def test_device_and_precision_errors_are_train_s_one_line_exit_2(
+    argv: list[str],
+    message: str,
+    tiny_recipes: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--device`` goes through ``train.device.resolve_device``, the resolver of ``train``."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert recipe_search.main(["--recipes", str(tiny_recipes), *argv]) == recipe_search.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(message) and err.count("\n") == 1
+    assert recipe_search.resolve_device("auto") == torch.device("cpu")
+
+
 # --------------------------------------------------------------------------- CPU price
 
 

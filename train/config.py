@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from common.settings import (
     PROJECT_ROOT,
@@ -35,6 +35,16 @@ ENV_PREFIX = "FASHION_SERVE__"
 SECTIONS = ("data", "model", "train", "tracking", "registry", "export", "sweep")
 
 AugmentationName = Literal["none", "flip", "standard", "strong"]
+DataSource = Literal["fashion_mnist", "image_folder"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "bf16", "fp16"]
+#: What ``data.augmentation: auto`` means per source. A mirrored Fashion-MNIST garment is the
+#: same garment; in an arbitrary image folder the mirror image may be another class (arrows
+#: pointing left or right, text, road signs), so nothing flips there unless asked.
+DEFAULT_AUGMENTATION: dict[str, AugmentationName] = {
+    "fashion_mnist": "flip",
+    "image_folder": "none",
+}
 
 
 #: A configuration problem, with a one-line message that names where it is.
@@ -48,7 +58,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where images come from and how they are split."""
 
-    source: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
+    source: DataSource = "fashion_mnist"
     path: Path | None = Field(None, description="Fashion-MNIST idx folder or ImageFolder root.")
     debian_path: Path = Path("/usr/share/datasets/fashion-mnist")
     download_root: Path = Path("data/downloads")
@@ -59,10 +69,31 @@ class DataConfig(_Section):
     image_size: int = Field(28, ge=8, le=512, description="ImageFolder images are resized to this.")
     channels: Literal[1, 3] = 1
     limit_per_class: int | None = Field(None, ge=1, description="Subsample for quick runs.")
-    augmentation: AugmentationName = "standard"
+    augmentation: AugmentationName = Field(
+        "flip",
+        description="Training augmentation preset. 'auto' (also when not given) is replaced "
+        "while validating by the source's DEFAULT_AUGMENTATION, so the value is a preset name.",
+    )
     num_workers: int = Field(0, ge=0)
     stats_path: Path = Path("artifacts/data_stats.json")
     max_image_pixels: int = Field(40_000_000, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_default_augmentation(cls, data: Any) -> Any:
+        """``augmentation: auto`` (or none given) becomes the source's default preset."""
+        if isinstance(data, dict) and data.get("augmentation", "auto") == "auto":
+            source = data.get("source", "fashion_mnist")
+            return {**data, "augmentation": DEFAULT_AUGMENTATION.get(str(source), "none")}
+        return data
+
+    @field_validator("augmentation", mode="before")
+    @classmethod
+    def _known_augmentation(cls, value: Any) -> Any:
+        if value not in get_args(AugmentationName):
+            names = ", ".join(("auto", *get_args(AugmentationName)))
+            raise ValueError(f"must be one of {names}")
+        return value
 
 
 class ModelConfig(_Section):
@@ -76,11 +107,26 @@ class ModelConfig(_Section):
     input_size: int | None = Field(
         None, ge=16, le=512, description="Upscale inputs to this size inside the network."
     )
-    flip_tta: bool = Field(
-        False,
+    flip_tta: bool | Literal["auto"] = Field(
+        "auto",
         description="In eval mode average the logits of the image and its mirror image "
-        "(inside the network, so the exported model does the same).",
+        "(inside the network, so the exported model does the same). 'auto' = on exactly when "
+        "the training augmentation flips images (a model never shown mirrored images should "
+        "not be asked about them).",
     )
+
+    @field_validator("flip_tta", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError("must be auto, true or false")
+
+    def resolved_flip_tta(self, trained_with_flips: bool) -> bool:
+        """Whether flip TTA is on for a model trained with (or without) horizontal flips."""
+        if self.flip_tta == "auto":
+            return trained_with_flips
+        return self.flip_tta
 
 
 class TrainConfig(_Section):
@@ -100,6 +146,12 @@ class TrainConfig(_Section):
     seed: int = 0
     num_threads: int | None = Field(None, ge=1, description="torch threads; None = all cores.")
     channels_last: bool = False
+    device: DeviceName = Field(
+        "auto", description="auto (CUDA when available, else the CPU) | cpu | cuda"
+    )
+    precision: Precision = Field(
+        "fp32", description="fp32 | bf16 | fp16 (autocast, CUDA only; fp16 with a GradScaler)"
+    )
     checkpoint_dir: Path = Path("models/checkpoints")
     max_misclassified: int = Field(36, ge=0)
     progress: bool = True

@@ -350,9 +350,14 @@ def iterate_batches(
     batch_size: int,
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(images, labels)`` batches; shuffled when a generator is given."""
+    """Yield ``(images, labels)`` batches; shuffled when a generator is given.
+
+    The order is drawn on the CPU (``generator`` is a CPU generator) and indexes ``images``
+    where they are, so data held on a GPU is batched there in the same order.
+    """
     n = int(labels.shape[0])
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    order = order.to(images.device)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         yield images[idx], labels[idx]

@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from loguru import logger
 from torch import nn
 from tqdm import tqdm
 
-from train.config import TrainConfig
+from train.config import Precision, TrainConfig
 from train.data import iterate_batches
+from train.device import Placement, fits_on_device, resolve_placement, to_device
 from train.transforms import AugmentationPreset, augment_batch
 
 LAST = "last.pt"
@@ -120,6 +122,10 @@ def make_training_parts(
     return optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
 
+def _device(device: torch.device | str | None) -> torch.device | None:
+    return None if device is None else torch.device(device)
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -132,30 +138,42 @@ def train_one_epoch(
     generator: torch.Generator,
     description: str = "train",
     device: torch.device | str | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, float, int]:
     """One pass over the training images, in a shuffled order drawn from ``generator``.
 
-    Augmentation always runs on the CPU (``generator`` is a CPU generator, so a run is the same
-    wherever it trains); only the augmented batch and its labels travel to ``device``.
+    The order and the augmentation's random numbers always come from ``generator``, a CPU
+    generator, so a run draws the same wherever it trains. Images held on the CPU are augmented
+    there and only the augmented ``uint8`` batch travels to ``device`` (through pinned memory,
+    non-blocking, on CUDA); images already on ``device`` (:func:`place_data`) never leave it.
 
     Args:
         model: The network, in ``device``'s memory (and channels_last if ``cfg`` says so).
         optimizer: Steps once per batch.
         scheduler: Steps once per batch.
         criterion: The loss, ``criterion(logits, labels)``.
-        images: ``uint8 [N, C, H, W]`` training images, on the CPU.
-        labels: ``int64 [N]`` labels, on the CPU.
-        cfg: Batch size, channels_last and the progress bar setting.
+        images: ``uint8 [N, C, H, W]`` training images, on the CPU or on ``device``.
+        labels: ``int64 [N]`` labels, where ``images`` are.
+        cfg: Batch size, channels_last, precision and the progress bar setting.
         preset: Augmentation applied to each batch.
         generator: Seeded CPU generator for the order and the augmentation.
         description: Label of the progress bar.
         device: Where the forward and backward passes run; ``None`` = the CPU, with no copies.
+        scaler: The gradient scaler of ``fp16`` training (:meth:`Placement.grad_scaler`).
 
     Returns:
         ``(mean loss, accuracy, images seen)`` over the epoch.
+
+    Raises:
+        DeviceError: ``cfg.precision`` is not available on ``device``.
     """
+    target = _device(device)
+    placement = Placement(target or torch.device("cpu"), cfg.precision)
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    # Sums stay on the device: reading them back every batch would wait for the GPU each time.
+    total_loss = torch.zeros((), dtype=torch.float64, device=target)
+    correct = torch.zeros((), dtype=torch.int64, device=target)
+    seen = 0
     steps = (int(labels.shape[0]) + cfg.batch_size - 1) // cfg.batch_size
     show = cfg.progress and sys.stderr.isatty()
     batches = iterate_batches(images, labels, cfg.batch_size, generator)
@@ -163,33 +181,62 @@ def train_one_epoch(
         batches, total=steps, desc=description, disable=not show, leave=False
     ):
         inputs = augment_batch(batch_images, preset, generator)
-        if device is not None:
-            # uint8 crosses to the device (a quarter of float32's bytes) and becomes float there.
-            inputs = inputs.to(device, non_blocking=True)
-            batch_labels = batch_labels.to(device, non_blocking=True)
+        # uint8 crosses to the device (a quarter of float32's bytes) and becomes float there.
+        inputs = to_device(inputs, target, pin=True)
+        batch_labels = to_device(batch_labels, target, pin=True)
         inputs = inputs.float()
         if cfg.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(inputs)
-        loss = criterion(logits, batch_labels)
-        loss.backward()
-        optimizer.step()
+        with placement.autocast():
+            logits = model(inputs)
+            loss = criterion(logits, batch_labels)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         scheduler.step()
         n = int(batch_labels.shape[0])
-        total_loss += float(loss.detach()) * n
-        correct += int((logits.argmax(1) == batch_labels).sum())
+        total_loss += loss.detach().double() * n
+        correct += (logits.detach().argmax(1) == batch_labels).sum()
         seen += n
-    return total_loss / max(seen, 1), correct / max(seen, 1), seen
+    return float(total_loss) / max(seen, 1), int(correct) / max(seen, 1), seen
+
+
+def place_data(
+    data: tuple[torch.Tensor, torch.Tensor], device: torch.device | str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` moved to ``device`` once when it is a GPU they fit on, else unchanged.
+
+    On the GPU a batch is then an index into device memory: no host-to-device copy per batch.
+    Data that does not fit (:func:`train.device.fits_on_device`) stays on the CPU and each batch
+    is copied through pinned memory.
+    """
+    target = _device(device)
+    images, labels = data
+    if target is None or target.type != "cuda":
+        return data
+    nbytes = images.numel() * images.element_size() + labels.numel() * labels.element_size()
+    if not fits_on_device(nbytes, target):
+        logger.info("data ({:.0f} MB) stays on the CPU: too big for {}", nbytes / 1e6, target)
+        return data
+    return images.to(target), labels.to(target)
 
 
 @dataclass
 class Trainer:
     """``model`` with what :func:`fit` trains it with: the parts of :func:`make_training_parts`
-    for ``steps_per_epoch`` batches an epoch, ``preset`` and ``generator``, on ``device``.
+    for ``steps_per_epoch`` batches an epoch, ``preset`` and ``generator``, on ``device`` in
+    ``cfg.precision`` (with a gradient scaler for ``fp16``).
 
     :func:`fit`, the recipe search and the tests train and validate through it, so they run the
     same sequence.
+
+    Raises:
+        DeviceError: ``cfg.precision`` is not available on ``device`` (e.g. bf16 on the CPU).
     """
 
     model: nn.Module
@@ -201,8 +248,12 @@ class Trainer:
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LRScheduler = field(init=False)
     criterion: nn.Module = field(init=False)
+    placement: Placement = field(init=False)
+    scaler: torch.amp.GradScaler | None = field(init=False)
 
     def __post_init__(self) -> None:
+        self.placement = Placement(_device(self.device) or torch.device("cpu"), self.cfg.precision)
+        self.scaler = self.placement.grad_scaler()
         self.optimizer, self.scheduler, self.criterion = make_training_parts(
             self.model, self.cfg, self.steps_per_epoch
         )
@@ -223,10 +274,11 @@ class Trainer:
             self.generator,
             description=description,
             device=self.device,
+            scaler=self.scaler,
         )
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> EvalResult:
-        """:func:`evaluate` with the settings' batch size and memory format."""
+        """:func:`evaluate` with the settings' batch size, memory format and precision."""
         return evaluate(
             self.model,
             images,
@@ -234,6 +286,7 @@ class Trainer:
             self.cfg.eval_batch_size,
             self.cfg.channels_last,
             device=self.device,
+            precision=self.cfg.precision,
         )
 
 
@@ -245,42 +298,49 @@ def evaluate(
     batch_size: int,
     channels_last: bool = False,
     device: torch.device | str | None = None,
+    precision: Precision = "fp32",
 ) -> EvalResult:
     """Loss, accuracy and per-image outputs on a fixed set (no augmentation), in order.
 
     Args:
         model: The network, in ``device``'s memory; put in eval mode here.
-        images: ``uint8 [N, C, H, W]`` images, on the CPU.
-        labels: ``int64 [N]`` labels, on the CPU.
+        images: ``uint8 [N, C, H, W]`` images, on the CPU or on ``device``.
+        labels: ``int64 [N]`` labels, where ``images`` are.
         batch_size: Images per forward pass.
         channels_last: Feed the inputs in channels_last memory format.
         device: Where the forward passes run; ``None`` = the CPU, with no copies. Outputs come
             back to the CPU either way.
+        precision: ``fp32``, or ``bf16``/``fp16`` autocast on CUDA (loss and softmax in float32).
 
     Returns:
         Mean loss, accuracy, and per-image predictions and probabilities as NumPy arrays.
+
+    Raises:
+        DeviceError: ``precision`` is not available on ``device``.
     """
+    target = _device(device)
+    placement = Placement(target or torch.device("cpu"), precision)
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss = 0.0
     preds: list[np.ndarray] = []
     probs: list[np.ndarray] = []
     for batch_images, batch_labels in iterate_batches(images, labels, batch_size):
-        inputs = batch_images
-        if device is not None:
-            inputs = inputs.to(device, non_blocking=True)
-            batch_labels = batch_labels.to(device, non_blocking=True)
+        inputs = to_device(batch_images, target, pin=True)
+        batch_labels = to_device(batch_labels, target, pin=True)
         inputs = inputs.float()
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        logits = model(inputs)
+        with placement.autocast():
+            logits = model(inputs)
+        logits = logits.float()
         total_loss += float(criterion(logits, batch_labels))
         p = torch.softmax(logits, dim=1).cpu()
         probs.append(p.numpy())
         preds.append(p.argmax(1).numpy())
     n = max(int(labels.shape[0]), 1)
     predictions = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-    accuracy = float((predictions == labels.numpy()).mean()) if preds else 0.0
+    accuracy = float((predictions == labels.cpu().numpy()).mean()) if preds else 0.0
     probabilities = np.concatenate(probs) if probs else np.zeros((0, 0), dtype=np.float32)
     return EvalResult(total_loss / n, accuracy, predictions, probabilities)
 
@@ -323,12 +383,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    return {
+    state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "generator": generator.get_state(),
     }
+    # Dropout on a GPU draws from the CUDA generators (untyped in torch 2.14).
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
@@ -336,6 +400,9 @@ def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 # --------------------------------------------------------------------------- fit
@@ -354,12 +421,13 @@ def fit(
     extra: dict[str, Any] | None = None,
     resume_from: dict[str, Any] | None = None,
     on_epoch_end: EpochCallback | None = None,
+    placement: Placement | None = None,
 ) -> TrainState:
     """Train with per-epoch validation, checkpointing and early stopping.
 
     Args:
-        model: The network (moved to channels_last here if configured).
-        train_data: ``(uint8 images [N, C, H, W], labels)``.
+        model: The network (moved to the device, and to channels_last if configured, here).
+        train_data: ``(uint8 images [N, C, H, W], labels)``, on the CPU.
         val_data: Same, for validation.
         cfg: Training settings.
         preset: Augmentation preset.
@@ -367,24 +435,35 @@ def fit(
         extra: Stored in every checkpoint (run id, config, classes, spec).
         resume_from: A checkpoint dict to continue from.
         on_epoch_end: Called after each epoch with its metrics.
+        placement: Device and precision; default: ``cfg.device`` and ``cfg.precision`` resolved
+            by :func:`train.device.resolve_placement`.
 
     Returns:
-        The final :class:`TrainState`; the model holds the best validation weights.
+        The final :class:`TrainState`; the model holds the best validation weights, on the
+        training device.
+
+    Raises:
+        DeviceError: ``cfg.device`` or ``cfg.precision`` is not available here.
     """
+    placement = placement or resolve_placement(cfg.device, cfg.precision)
     generator = set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    model = model.to(placement.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    images, labels = train_data
+    images, labels = place_data(train_data, placement.device)
+    val_data = place_data(val_data, placement.device)
     steps_per_epoch = (int(labels.shape[0]) + cfg.batch_size - 1) // cfg.batch_size
-    trainer = Trainer(model, cfg, preset, generator, steps_per_epoch)
+    trainer = Trainer(model, cfg, preset, generator, steps_per_epoch, placement.device)
     optimizer, scheduler = trainer.optimizer, trainer.scheduler
     state = TrainState()
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         optimizer.load_state_dict(resume_from["optimizer"])
         scheduler.load_state_dict(resume_from["scheduler"])
+        if trainer.scaler is not None and resume_from.get("scaler"):
+            trainer.scaler.load_state_dict(resume_from["scaler"])
         _restore_rng(resume_from["rng"], generator)
         state = resume_from["train_state"]
     while state.epoch < cfg.epochs and not state.stopped_early:
@@ -423,6 +502,7 @@ def fit(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
                 "epoch": epoch,
                 "rng": _rng_state(generator),
                 "train_state": state,

@@ -65,7 +65,8 @@ class Classifier(nn.Module):
         x = x * self.scale + self.shift
         out: torch.Tensor = self.backbone(x)
         if self.flip_tta and not self.training:
-            # Test-time augmentation: training sees flipped images, so the mirror is as valid.
+            # Test-time augmentation: with flip_tta auto (the default) only a model whose training
+            # saw flipped images gets here, so the mirror image is as valid as the image.
             out = (out + self.backbone(x.flip(-1))) / 2
         return out
 
@@ -353,11 +354,21 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def build_model(cfg: ModelConfig, spec: PreprocessSpec, num_classes: int) -> Classifier:
+def build_model(
+    cfg: ModelConfig, spec: PreprocessSpec, num_classes: int, trained_with_flips: bool = False
+) -> Classifier:
     """Build the configured architecture wrapped in :class:`Classifier`.
 
     Pretrained backbones normalise with the statistics their weights were trained with; models
     trained from scratch use the data's own mean/std from ``spec``.
+
+    Args:
+        cfg: The model settings.
+        spec: Channels, image size and the data's mean/std.
+        num_classes: Outputs of the classifier.
+        trained_with_flips: Whether the training augmentation flips images horizontally; with
+            ``cfg.flip_tta`` ``auto`` it decides flip TTA (no flips in training, no mirror at
+            evaluation: the mirror image may be another class).
     """
     if cfg.name not in ARCHITECTURES:
         raise ModelError(
@@ -373,7 +384,13 @@ def build_model(cfg: ModelConfig, spec: PreprocessSpec, num_classes: int) -> Cla
         mean, std = spec.mean, spec.std
     input_size = cfg.input_size or arch.default_input_size
     return Classifier(
-        backbone, mean, std, spec.channels, backbone_channels, input_size, cfg.flip_tta
+        backbone,
+        mean,
+        std,
+        spec.channels,
+        backbone_channels,
+        input_size,
+        cfg.resolved_flip_tta(trained_with_flips),
     )
 
 

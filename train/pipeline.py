@@ -22,6 +22,7 @@ from common.preprocess import PreprocessSpec, to_model_input
 from train import tracking
 from train.config import Settings, resolve_path
 from train.data import DataBundle, dataset_statistics, load_data, to_tensors, write_statistics
+from train.device import Placement, resolve_device, resolve_placement
 from train.engine import (
     CheckpointError,
     EpochMetrics,
@@ -29,8 +30,8 @@ from train.engine import (
     fit,
     load_checkpoint,
 )
-from train.models import ModelError, build_model, count_parameters, model_size_mb
-from train.transforms import get_preset
+from train.models import Classifier, ModelError, build_model, count_parameters, model_size_mb
+from train.transforms import AugmentationPreset, get_preset
 
 
 @dataclass
@@ -94,9 +95,10 @@ def run_fit(
     if payload is not None:
         # The checkpoint's own settings win: a resumed run must be the same run.
         settings = Settings.model_validate(payload["settings"])
+    placement = resolve_placement(settings.train.device, settings.train.precision)
     experiment_id = tracking.connect(settings.tracking)
     bundle = load_data(settings.data)
-    model = build_model(settings.model, bundle.spec, len(bundle.classes))
+    model, preset = model_and_augmentation(settings, bundle)
     torch.set_num_threads(settings.train.num_threads or torch.get_num_threads())
     started = time.perf_counter()
     run_kwargs: dict[str, Any] = (
@@ -108,7 +110,7 @@ def run_fit(
         run_id = run.info.run_id
         checkpoint_dir = resolve_path(settings.train.checkpoint_dir) / run_id
         if payload is None:
-            _log_run_start(settings, bundle, model)
+            _log_run_start(settings, bundle, model, placement)
         else:
             logger.info("resuming run {} after epoch {}", run_id, payload["epoch"])
             mlflow.set_tag("resumed_after_epoch", str(payload["epoch"]))
@@ -129,7 +131,7 @@ def run_fit(
             to_tensors(bundle.train),
             to_tensors(bundle.val),
             settings.train,
-            get_preset(settings.data.augmentation),
+            preset,
             checkpoint_dir,
             extra={
                 "run_id": run_id,
@@ -139,9 +141,11 @@ def run_fit(
             },
             resume_from=payload,
             on_epoch_end=on_epoch_end,
+            placement=placement,
         )
         minutes = (time.perf_counter() - started) / 60.0
-        test_accuracy = _log_final_evaluation(settings, bundle, model)
+        test_accuracy = _log_final_evaluation(settings, bundle, model, placement.device)
+        model = model.to("cpu")  # the logged model loads anywhere
         mlflow.log_metrics(
             {
                 "best_val_accuracy": state.best_metric,
@@ -164,14 +168,33 @@ def run_fit(
     return FitOutcome(run_id, model_uri, state.best_metric, test_accuracy, state.epoch, minutes)
 
 
+def model_and_augmentation(
+    settings: Settings, bundle: DataBundle
+) -> tuple[Classifier, AugmentationPreset]:
+    """The configured model for ``bundle`` and the augmentation preset it trains with.
+
+    ``model.flip_tta: auto`` follows the preset: flip TTA only for a model trained on flips.
+    """
+    preset = get_preset(settings.data.augmentation)
+    model = build_model(
+        settings.model, bundle.spec, len(bundle.classes), trained_with_flips=preset.hflip
+    )
+    return model, preset
+
+
 def _example(bundle: DataBundle) -> np.ndarray:
     return to_model_input(list(bundle.val.images[:2]))
 
 
-def _log_run_start(settings: Settings, bundle: DataBundle, model: torch.nn.Module) -> None:
+def _log_run_start(
+    settings: Settings, bundle: DataBundle, model: torch.nn.Module, placement: Placement
+) -> None:
     mlflow.log_params(tracking.flatten(settings.model_dump(mode="json")))
     mlflow.log_params(
         {
+            # What "auto" became on this machine: device, its name, precision, flip TTA.
+            **placement.params(),
+            "flip_tta": str(bool(getattr(model, "flip_tta", False))).lower(),
             "num_classes": str(len(bundle.classes)),
             "train_size": str(len(bundle.train)),
             "val_size": str(len(bundle.val)),
@@ -193,11 +216,22 @@ def _log_run_start(settings: Settings, bundle: DataBundle, model: torch.nn.Modul
     tracking.log_json(bundle.classes, "model_metadata/class_names.json")
 
 
-def _log_final_evaluation(settings: Settings, bundle: DataBundle, model: torch.nn.Module) -> float:
-    """Evaluate on the untouched test set; log metrics, report and plots. Returns test accuracy."""
+def _log_final_evaluation(
+    settings: Settings, bundle: DataBundle, model: torch.nn.Module, device: torch.device
+) -> float:
+    """Evaluate on the untouched test set; log metrics, report and plots. Returns test accuracy.
+
+    On the training device, in float32 whatever ``train.precision`` is: the number that is
+    logged is the one of the model as exported and served.
+    """
     images, labels = to_tensors(bundle.test)
     result = evaluate(
-        model, images, labels, settings.train.eval_batch_size, settings.train.channels_last
+        model,
+        images,
+        labels,
+        settings.train.eval_batch_size,
+        settings.train.channels_last,
+        device=device,
     )
     matrix = tracking.confusion_matrix(bundle.test.labels, result.predictions, len(bundle.classes))
     report = tracking.per_class_report(matrix, bundle.classes)
@@ -226,12 +260,16 @@ def _log_final_evaluation(settings: Settings, bundle: DataBundle, model: torch.n
 
 
 def run_evaluate(settings: Settings, model_uri: str) -> dict[str, float]:
-    """Evaluate a logged or registered model on the configured test set (no logging)."""
+    """Evaluate a logged or registered model on the configured test set (no logging).
+
+    On ``train.device`` (resolved), in float32.
+    """
+    device = resolve_device(settings.train.device)
     tracking.connect(settings.tracking)
     bundle = load_data(settings.data)
-    model = mlflow.pytorch.load_model(model_uri)
+    model = mlflow.pytorch.load_model(model_uri, map_location="cpu").to(device)
     images, labels = to_tensors(bundle.test)
-    result = evaluate(model, images, labels, settings.train.eval_batch_size)
+    result = evaluate(model, images, labels, settings.train.eval_batch_size, device=device)
     return {"test_accuracy": result.accuracy, "test_loss": result.loss}
 
 

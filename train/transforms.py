@@ -43,27 +43,30 @@ def augment_batch(
     """Augment a batch ``[N, C, H, W]`` (any dtype); same shape (the input itself for ``none``).
 
     Args:
-        images: The batch, unnormalised.
+        images: The batch, unnormalised, on any device.
         preset: What to apply.
-        generator: Seeded CPU generator, so runs (and resumed runs) are reproducible.
+        generator: Seeded CPU generator, so runs (and resumed runs) are reproducible. The random
+            numbers are drawn on the CPU and applied where ``images`` are: a batch on a GPU is
+            augmented exactly as the same batch on the CPU.
     """
     n, _, h, w = images.shape
+    device = images.device
     out = images
     if preset.crop_padding > 0:
         pad = preset.crop_padding
         padded = torch.nn.functional.pad(out, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
+        rows = (dy[:, None] + torch.arange(h, device=device)[None, :])[:, None, :, None].expand(
             -1, out.shape[1], h, w + 2 * pad
         )
         cropped = padded.gather(2, rows)
-        cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(
+        cols = (dx[:, None] + torch.arange(w, device=device)[None, :])[:, None, None, :].expand(
             -1, out.shape[1], h, w
         )
         out = cropped.gather(3, cols)
     if preset.hflip:
-        flip = torch.rand(n, generator=generator) < 0.5
+        flip = (torch.rand(n, generator=generator) < 0.5).to(device)
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     if preset.erase_probability > 0.0:
         out = _random_erase(out, preset, generator)
@@ -83,8 +86,10 @@ def _random_erase(
     ew = torch.sqrt(area / ratio).clamp(1, w).long()
     top = (torch.rand(n, generator=generator) * (h - eh + 1)).long()
     left = (torch.rand(n, generator=generator) * (w - ew + 1)).long()
-    ys = torch.arange(h)[None, :]
-    xs = torch.arange(w)[None, :]
+    device = images.device
+    apply, eh, ew, top, left = (t.to(device) for t in (apply, eh, ew, top, left))
+    ys = torch.arange(h, device=device)[None, :]
+    xs = torch.arange(w, device=device)[None, :]
     in_rows = (ys >= top[:, None]) & (ys < (top + eh)[:, None])
     in_cols = (xs >= left[:, None]) & (xs < (left + ew)[:, None])
     mask = (in_rows[:, :, None] & in_cols[:, None, :]) & apply[:, None, None]
