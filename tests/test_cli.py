@@ -82,7 +82,11 @@ def test_data_fit_promote_evaluate_report(
     args = _args(settings)
     assert main(["data", *args]) == 0
     assert main(["fit", *args, "registry.floor=0.0"]) == 0
-    assert "test_accuracy=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test_accuracy=" in out
+    # Where to see the run: the embedded store, which plain `mlflow ui` would not open.
+    (see,) = [line for line in out.splitlines() if "--backend-store-uri" in line]
+    assert shlex.split(see)[-1] == settings.tracking.embedded_uri()
     assert main(["promote", *args, "registry.floor=0.0"]) == 0
     assert "fashion-classifier@champion: unset -> version 1" in capsys.readouterr().out
     assert main(["evaluate", *args]) == 0

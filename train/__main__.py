@@ -215,6 +215,10 @@ def _training(args: argparse.Namespace) -> int:
                 f"run {outcome.run_id}: val_accuracy={outcome.val_accuracy:.4f} "
                 f"test_accuracy={outcome.test_accuracy:.4f} in {outcome.minutes:.1f} min"
             )
+            if settings.tracking.uses_embedded_store():
+                # Plain `mlflow ui` opens MLflow's default ./mlflow.db, not this store.
+                uri = settings.tracking.embedded_uri()
+                print(f"see it: make mlflow, or mlflow ui --backend-store-uri {shlex.quote(uri)}")
         elif args.command == "sweep":
             from train.sweep import run_sweep
 
