@@ -39,12 +39,15 @@ TEST_APT_PACKAGES := wrk prometheus chromium chromium-driver tmux imagemagick fo
 # Containers without a Docker engine or a registry (docs/deployment.md): podman + runc, debootstrap
 # for the offline base, podman-compose for docker-compose.yaml.
 CONTAINER_APT_PACKAGES := podman buildah runc debootstrap podman-compose
-# Installs the Debian packages in $(1) that are missing, when apt-get is there (as root or via sudo).
+# Installs the Debian packages in $(1) that are missing, as root or through sudo; without apt-get,
+# or as a user with no sudo, it prints what is missing ($(2): what else to do) and goes on.
 define apt_install
 @missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 if [ -z "$$missing" ]; then exit 0; fi; \
 if ! command -v apt-get >/dev/null; then echo "note: no apt-get; install$$missing yourself$(2)"; exit 0; fi; \
-SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+SUDO=""; if [ "$$(id -u)" != 0 ]; then \
+  if ! command -v sudo >/dev/null; then echo "note: not root and no sudo; install$$missing yourself$(2)"; exit 0; fi; \
+  SUDO=sudo; fi; \
 $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing
 endef
 # `docker compose` when a Docker engine answers, else podman-compose.
