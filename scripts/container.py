@@ -309,7 +309,7 @@ def uv_binary(which: Callable[[str], str | None] = shutil.which) -> Path:
     found = which("uv")
     if found:
         return Path(found)
-    raise ContainerError("no uv found: run `make setup` (the dev extra installs uv into .venv)")
+    raise ContainerError("no uv found: run `make setup-dev` (the dev extra installs uv into .venv)")
 
 
 def uv_version(uv: Path, runner: Runner = run) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import shlex
 import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from train.__main__ import main
+import train.__main__ as train_main
+from train.__main__ import _parser, main
 from train.config import Settings
 
 MakeSettings = Callable[..., Settings]
@@ -79,7 +82,11 @@ def test_data_fit_promote_evaluate_report(
     args = _args(settings)
     assert main(["data", *args]) == 0
     assert main(["fit", *args, "registry.floor=0.0"]) == 0
-    assert "test_accuracy=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test_accuracy=" in out
+    # Where to see the run: the embedded store, which plain `mlflow ui` would not open.
+    (see,) = [line for line in out.splitlines() if "--backend-store-uri" in line]
+    assert shlex.split(see)[-1] == settings.tracking.embedded_uri()
     assert main(["promote", *args, "registry.floor=0.0"]) == 0
     assert "fashion-classifier@champion: unset -> version 1" in capsys.readouterr().out
     assert main(["evaluate", *args]) == 0
@@ -110,3 +117,139 @@ def test_resume_with_nothing_to_resume(
 ) -> None:
     assert main(["fit", *_args(make_settings()), "--resume"]) == 2
     assert "no checkpoint" in _one_error_line(capsys)
+
+
+# --------------------------------------------------------------------------- help, --config, Ctrl-C
+
+
+def _command_names() -> list[str]:
+    (commands,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(commands.choices)
+
+
+COMMANDS = _command_names()
+
+
+def _help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [[], *([name] for name in COMMANDS)], ids=["top", *COMMANDS])
+def test_help_is_plain_and_short(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    text = _help(argv, capsys)
+    # No reST markup and no module docstring: what a user reads, not what a developer wrote.
+    assert "``" not in text and ":func:" not in text
+    assert (train_main.__doc__ or "").splitlines()[0] not in text
+    # A command's help says what it does before its options.
+    description = text.split("\n\n")[1]
+    assert description.strip()
+    assert not description.startswith(("usage", "options", "positional"))
+    # Short: one screen.
+    assert len(text.splitlines()) <= 30
+
+
+def test_top_help_lists_every_command_on_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    lines = _help([], capsys).splitlines()
+    for name in COMMANDS:
+        (line,) = [line for line in lines if line.split()[:1] == [name]]
+        assert len(line.split()) > 1  # its help is on the same line, not wrapped below
+
+
+def test_config_before_or_after_the_command(tmp_path: Path) -> None:
+    preset = tmp_path / "preset.yaml"
+    before = _parser().parse_args(["--config", str(preset), "fit", "train.epochs=2"])
+    after = _parser().parse_args(["fit", "--config", str(preset), "train.epochs=2"])
+    neither = _parser().parse_args(["fit"])
+    assert before.config == after.config == preset
+    assert before.overrides == after.overrides == ["train.epochs=2"]
+    assert neither.config is None
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_is_read_in_either_place(
+    where: str,
+    make_settings: MakeSettings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("nonsense_section: {}\n")
+    config = ["--config", str(preset)]
+    argv = [*config, "data"] if where == "before" else ["data", *config]
+    assert main([*argv, *_args(make_settings())]) == 2
+    assert "nonsense_section" in _one_error_line(capsys)
+
+
+def test_monitoring_commands_refuse_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "configs/presets/best.yaml", "alerts"])
+    assert exit_info.value.code == 2
+    assert "--alerts-config" in capsys.readouterr().err
+
+
+def _interrupt(*_args: object, **_kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_ctrl_c_during_fit_suggests_resume_with_the_same_settings(
+    where: str,
+    make_settings: MakeSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr("train.pipeline.run_fit", _interrupt)
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("train: {epochs: 1}\n")
+    config = ["--config", str(preset)]
+    args = _args(make_settings())
+    argv = [*config, "fit", *args] if where == "before" else ["fit", *config, *args]
+    assert main(argv) == 130
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("interrupted")]
+    hint = shlex.split(line.split(": ", 1)[1])
+    assert hint[:4] == ["python", "-m", "train", "fit"] and "--resume" in hint
+    assert hint[hint.index("--config") + 1] == str(preset)
+    assert hint[-len(args) - 1 : -1] == args
+    # The hint parses back to the same command, resuming the latest run.
+    again = _parser().parse_args(hint[3:])
+    assert (again.command, again.config, again.resume, again.overrides) == (
+        "fit",
+        preset,
+        "latest",
+        args,
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "target"),
+    [
+        ("sweep", "train.sweep.run_sweep"),
+        ("data", "train.pipeline.run_data"),
+        ("promote", "train.registry.promote"),
+        ("alerts", "train.monitoring.run_alerts"),
+    ],
+)
+def test_ctrl_c_elsewhere_does_not_suggest_resume(
+    command: str,
+    target: str,
+    make_settings: MakeSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(target, _interrupt)
+    argv = [command] if command == "alerts" else [command, *_args(make_settings())]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("interrupted")]
+    assert "--resume" not in line
+    assert f"train {command}" in line

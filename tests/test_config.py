@@ -409,3 +409,21 @@ def test_config_imports_without_torch() -> None:
         [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_embedded_store_is_named_even_when_a_server_is_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``make mlflow`` and the hint after ``fit`` open the embedded store, wherever runs go now."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = TrackingConfig(store_dir=Path("mlflow"))
+    assert cfg.uses_embedded_store()
+    assert cfg.store_path() == PROJECT_ROOT / "mlflow"
+    assert cfg.embedded_uri() == cfg.resolved_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
+    assert not cfg.uses_embedded_store()
+    assert cfg.embedded_uri() == f"sqlite:///{PROJECT_ROOT.as_posix()}/mlflow/mlflow.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert not TrackingConfig(
+        store_dir=tmp_path, tracking_uri="http://x:5000"
+    ).uses_embedded_store()

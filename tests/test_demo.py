@@ -1,6 +1,6 @@
 """``scripts/demo.py`` (``make demo``): real tmux recordings and a real ImageMagick GIF, kept tiny.
 
-Needs Debian's ``tmux``, ``imagemagick`` and ``fonts-dejavu-core`` (Makefile ``APT_PACKAGES``).
+Needs Debian's ``tmux``, ``imagemagick`` and ``fonts-dejavu-core`` (Makefile ``TEST_APT_PACKAGES``, ``make test-deps``).
 """
 
 from __future__ import annotations

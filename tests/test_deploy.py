@@ -65,15 +65,21 @@ def test_compose_publishes_on_loopback_only(name: str) -> None:
     assert all(str(port).startswith("127.0.0.1:") for port in published)
 
 
-def test_compose_mlflow_keeps_its_store_and_admits_the_service() -> None:
+def test_compose_mlflow_keeps_its_store_and_admits_the_compose_network() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
     mlflow = compose["services"]["mlflow"]
     assert any(volume.endswith(":/mlflow") for volume in mlflow["volumes"])
     allowed = next(arg for arg in mlflow["command"] if arg.startswith("--allowed-hosts="))
     assert "mlflow:*" in allowed
     assert "sqlite:////mlflow/" in " ".join(mlflow["command"])
-    api_env = compose["services"]["api"]["environment"]
-    assert api_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+
+def test_compose_api_is_given_no_mlflow_settings() -> None:
+    """The image carries its model and never imports MLflow: no tracking URI it would not use."""
+    for name in ["docker-compose.yaml", "docker-compose.postgres.yaml"]:
+        services = yaml.safe_load((ROOT / name).read_text())["services"]
+        api_env = services.get("api", {}).get("environment", {})
+        assert not [key for key in api_env if key.startswith("MLFLOW_")], name
 
 
 def test_postgres_override_stays_inside_and_feeds_mlflow() -> None:

@@ -322,7 +322,7 @@ def test_rules_file_matches_the_config(tmp_path: Path, capsys: pytest.CaptureFix
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool is missing: apt-get install prometheus (make system-deps)")
+        pytest.fail("promtool is missing: apt-get install prometheus (make test-deps)")
     return path
 
 

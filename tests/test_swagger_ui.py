@@ -1,6 +1,6 @@
 """The Swagger UI of a real ``bentoml serve``, driven in headless Chromium.
 
-Debian's ``chromium`` and ``chromium-driver`` (Makefile ``APT_PACKAGES``) through Selenium: the
+Debian's ``chromium`` and ``chromium-driver`` (Makefile ``TEST_APT_PACKAGES``, ``make test-deps``) through Selenium: the
 page at ``/`` lists both endpoints; ``/predict`` is expanded, "Try it out", a PNG goes through the
 page's file input, "Execute", and the 200 response body shown on the page is a prediction naming
 one of the served model's classes. Screenshots of the page go to ``tmp_path``.

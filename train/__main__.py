@@ -1,8 +1,10 @@
-"""Command line: ``python -m train {data,fit,sweep,evaluate,promote,import,...} [--config F] [k=v ...]``.
+"""Command line: ``python -m train [--config F] {data,fit,sweep,...} [--config F] [k=v ...]``.
 
 Only argument handling lives here; each command calls one function of its stage module. Known
 failures (config, data, model, tracking, checkpoint, promotion, export) print one ``error:`` line
-and exit with status 2 before anything is written.
+and exit with status 2 before anything is written. Ctrl-C exits with status 130 and one
+``interrupted;`` line that fits the command (only ``fit`` can be resumed). The help users see is
+:data:`DESCRIPTION` and each command's one line, not this docstring.
 
 The monitoring commands ``alerts`` (exit 1 when a rule fires) and ``alert-rules`` read
 ``configs/alerts.yaml`` and ``configs/serving.yaml`` only, and import neither torch nor MLflow.
@@ -11,23 +13,42 @@ The monitoring commands ``alerts`` (exit 1 when a rule fires) and ``alert-rules`
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
-from loguru import logger
+DESCRIPTION = "Train, track, register and import the image classifier."
+EPILOG = """\
+settings: configs/*.yaml, then --config FILE, then FASHION_SERVE__SECTION__KEY variables,
+then section.key=value arguments (e.g. train.epochs=3).
+'python -m train COMMAND --help' shows a command's options."""
+CONFIG_HELP = "a preset over configs/*.yaml, e.g. configs/presets/best.yaml"
+# Commands that read configs/alerts.yaml and configs/serving.yaml only (no --config).
+MONITORING_COMMANDS = ("alerts", "alert-rules")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # --config before the command (`--config F fit`) or after it (`fit --config F`): the
+    # command's own option has no default, so it only replaces this one when given.
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE", help=CONFIG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument(
-            "--config", type=Path, default=None, help="preset YAML (e.g. configs/presets/best.yaml)"
+            "--config", type=Path, default=argparse.SUPPRESS, metavar="FILE", help=CONFIG_HELP
         )
         p.add_argument(
-            "overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=3"
+            "overrides",
+            nargs="*",
+            metavar="section.key=value",
+            help="settings over the YAML files, e.g. train.epochs=3",
         )
         return p
 
@@ -38,25 +59,27 @@ def _parser() -> argparse.ArgumentParser:
         nargs="?",
         const="latest",
         default=None,
+        metavar="CHECKPOINT",
         help="continue from a checkpoint (file or run folder; default: the latest)",
     )
-    fit.add_argument("--run-name", default=None)
+    fit.add_argument("--run-name", default=None, help="MLflow run name (default: MLflow's)")
     command("sweep", "run the hyper-parameter sweep in configs/sweep.yaml")
     evaluate = command("evaluate", "evaluate a logged or registered model on the test set")
     evaluate.add_argument("--model-uri", default=None, help="default: models:/<name>@champion")
-    promote = command("promote", "register the best run and set the champion/challenger aliases")
+    promote = command("promote", "register the best run and point @champion at it")
     promote.add_argument(
         "--version",
         default=None,
         help="point the champion at this registered version instead (e.g. a rollback)",
     )
-    command("report", "print the model table (best run per architecture) and update README.md")
-    imp = command("import", "export the champion to ONNX and save it in the BentoML store")
+    command("report", "print the model table and update the one in README.md")
+    imp = command("import", "export the champion to ONNX into the BentoML store")
     imp.add_argument("--model-uri", default=None, help="default: models:/<name>@champion")
-    ref = command("reference", "add the monitoring reference.json to a model in the BentoML store")
+    ref = command("reference", "add the drift reference.json to a stored model")
     ref.add_argument("--model-tag", default=None, help="default: the served model (serving.yaml)")
+    alerts_help = "check the service logs against configs/alerts.yaml"
     alerts = sub.add_parser(
-        "alerts", help="evaluate configs/alerts.yaml over the service logs; exit 1 if one fires"
+        "alerts", help=alerts_help, description=f"{alerts_help}; exit status 1 when one fires"
     )
     alerts.add_argument(
         "--logs", action="append", default=[], help="request-log glob (default: serving.yaml's)"
@@ -76,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument(
         "--alerts-config", type=Path, default=None, help="default: configs/alerts.yaml"
     )
-    rules = sub.add_parser("alert-rules", help="write the alert rules as a Prometheus rules file")
+    rules_help = "write configs/alerts.yaml as Prometheus rules"
+    rules = sub.add_parser("alert-rules", help=rules_help, description=rules_help)
     rules.add_argument("--output", type=Path, default=Path("deploy/prometheus/alerts.yml"))
     rules.add_argument(
         "--check", action="store_true", help="only compare with --output; exit 1 if it differs"
@@ -119,11 +143,36 @@ def _monitoring(args: argparse.Namespace) -> int:
     return 1 if any(r.firing for r in results) else 0
 
 
+def interrupted_hint(args: argparse.Namespace, argv: list[str]) -> str:
+    """What to do after Ctrl-C, for the command that was stopped."""
+    if args.command == "fit":
+        config = ["--config", str(args.config)] if args.config is not None else []
+        # --resume last: it takes an optional value, so an override after it would be read as one.
+        again = ["python", "-m", "train", "fit", *config, *args.overrides, "--resume"]
+        return f"resume with: {shlex.join(again)}"
+    if args.command == "sweep":
+        return "trials that finished are in MLflow; python -m train sweep starts a new sweep"
+    return f"run it again: {shlex.join(['python', '-m', 'train', *argv])}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the process exit status."""
-    args = _parser().parse_args(argv)
-    if args.command in ("alerts", "alert-rules"):
-        return _monitoring(args)
+    """Run one command; returns the process exit status (130 after Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command in MONITORING_COMMANDS and args.config is not None:
+        parser.error(f"{args.command} reads --alerts-config, not --config")
+    try:
+        if args.command in MONITORING_COMMANDS:
+            return _monitoring(args)
+        return _training(args)
+    except KeyboardInterrupt:
+        print(f"interrupted; {interrupted_hint(args, argv)}", file=sys.stderr)
+        return 130
+
+
+def _training(args: argparse.Namespace) -> int:
+    """The commands that read the training settings; known failures → one error line, status 2."""
     from train.config import ConfigError, load_settings
 
     known_errors: tuple[type[BaseException], ...] = (ConfigError,)
@@ -166,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"run {outcome.run_id}: val_accuracy={outcome.val_accuracy:.4f} "
                 f"test_accuracy={outcome.test_accuracy:.4f} in {outcome.minutes:.1f} min"
             )
+            if settings.tracking.uses_embedded_store():
+                # Plain `mlflow ui` opens MLflow's default ./mlflow.db, not this store.
+                uri = settings.tracking.embedded_uri()
+                print(f"see it: make mlflow, or mlflow ui --backend-store-uri {shlex.quote(uri)}")
         elif args.command == "sweep":
             from train.sweep import run_sweep
 
@@ -205,9 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     except known_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        logger.warning("interrupted; resume with: python -m train fit --resume")
-        return 130
     return 0
 
 

@@ -158,7 +158,12 @@ class TrainConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    """MLflow: embedded sqlite store by default, a server when a URI is given."""
+    """MLflow: embedded sqlite store by default, a server when a URI is given.
+
+    The embedded store is ``<store_dir>/mlflow.db`` with ``<store_dir>/artifacts/``, not MLflow 3's
+    own default (``./mlflow.db``): plain ``mlflow ui`` does not open it; ``make mlflow`` or
+    ``mlflow ui --backend-store-uri <embedded_uri()>`` does.
+    """
 
     tracking_uri: str | None = Field(None, description="None = embedded store below.")
     store_dir: Path = Path("mlflow")
@@ -173,13 +178,25 @@ class TrackingConfig(_Section):
             return env
         if self.tracking_uri:
             return self.tracking_uri
-        return f"sqlite:///{(resolve_path(self.store_dir) / 'mlflow.db').as_posix()}"
+        return self.embedded_uri()
+
+    def uses_embedded_store(self) -> bool:
+        """True when no server URI (environment or config) replaces the embedded store."""
+        return not (os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri)
+
+    def store_path(self) -> Path:
+        """The embedded store's folder (``store_dir``, relative to the project root)."""
+        return resolve_path(self.store_dir)
+
+    def embedded_uri(self) -> str:
+        """The embedded sqlite store's URI (absolute, so it works from any directory)."""
+        return f"sqlite:///{(self.store_path() / 'mlflow.db').as_posix()}"
 
     def artifact_location(self) -> str | None:
         """Artifact root for a new experiment in the embedded store (a server picks its own)."""
-        if os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri:
+        if not self.uses_embedded_store():
             return None
-        return (resolve_path(self.store_dir) / "artifacts").as_uri()
+        return (self.store_path() / "artifacts").as_uri()
 
 
 class RegistryConfig(_Section):
