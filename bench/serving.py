@@ -398,7 +398,7 @@ def pick_client(choice: str) -> str:
         raise BenchError("--client wrk: wrk is not installed (apt-get install wrk)")
     if choice == "auto" and not found:
         print(
-            "note: wrk is not installed (apt-get install wrk, or `make setup`); falling back to "
+            "note: wrk is not installed (apt-get install wrk, or `make setup-dev`); falling back to "
             "the Python aiohttp client, which needs more CPU per request: watch the client CPU "
             "column",
             file=sys.stderr,
