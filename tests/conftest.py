@@ -266,3 +266,19 @@ def make_settings(
         return load_settings(preset=preset, overrides=[*base, *overrides])
 
     return make
+
+
+def cli_overrides(settings: Settings) -> list[str]:
+    """``key=value`` arguments that point a CLI command at ``settings``' temporary stores and
+    make its training run one quick epoch of a tiny model."""
+    return [
+        f"data.path={settings.data.path}",
+        f"data.stats_path={settings.data.stats_path}",
+        f"tracking.store_dir={settings.tracking.store_dir}",
+        f"train.checkpoint_dir={settings.train.checkpoint_dir}",
+        "train.epochs=1",
+        "model.name=simple_cnn",
+        "model.width=4",
+        "train.channels_last=false",
+        "train.progress=false",
+    ]

@@ -11,24 +11,11 @@ from pathlib import Path
 import pytest
 
 import train.__main__ as train_main
+from tests.conftest import cli_overrides
 from train.__main__ import _parser, main
 from train.config import Settings
 
 MakeSettings = Callable[..., Settings]
-
-
-def _args(settings: Settings) -> list[str]:
-    return [
-        f"data.path={settings.data.path}",
-        f"data.stats_path={settings.data.stats_path}",
-        f"tracking.store_dir={settings.tracking.store_dir}",
-        f"train.checkpoint_dir={settings.train.checkpoint_dir}",
-        "train.epochs=1",
-        "model.name=simple_cnn",
-        "model.width=4",
-        "train.channels_last=false",
-        "train.progress=false",
-    ]
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -40,7 +27,7 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 def test_unknown_architecture(
     make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["fit", *_args(make_settings()), "model.name=vgg99"]) == 2
+    assert main(["fit", *cli_overrides(make_settings()), "model.name=vgg99"]) == 2
     line = _one_error_line(capsys)
     assert "unknown architecture 'vgg99'" in line and "simple_cnn" in line
 
@@ -48,14 +35,14 @@ def test_unknown_architecture(
 def test_bad_value_names_the_key(
     make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["fit", *_args(make_settings()), "train.lr=-1"]) == 2
+    assert main(["fit", *cli_overrides(make_settings()), "train.lr=-1"]) == 2
     assert "train.lr" in _one_error_line(capsys)
 
 
 def test_missing_data(
     make_settings: MakeSettings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["fit", *_args(make_settings()), f"data.path={tmp_path / 'void'}"]) == 2
+    assert main(["fit", *cli_overrides(make_settings()), f"data.path={tmp_path / 'void'}"]) == 2
     assert "void" in _one_error_line(capsys)
 
 
@@ -67,7 +54,7 @@ def test_unreachable_server(
         port = sock.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     settings = make_settings()
-    assert main(["fit", *_args(settings)]) == 2
+    assert main(["fit", *cli_overrides(settings)]) == 2
     assert "unreachable" in _one_error_line(capsys)
     assert not Path(settings.train.checkpoint_dir).exists()
 
@@ -79,7 +66,7 @@ def test_data_fit_promote_evaluate_report(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = make_settings()
-    args = _args(settings)
+    args = cli_overrides(settings)
     assert main(["data", *args]) == 0
     assert main(["fit", *args, "registry.floor=0.0"]) == 0
     out = capsys.readouterr().out
@@ -108,14 +95,14 @@ def test_data_fit_promote_evaluate_report(
 def test_promote_with_nothing_trained(
     make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["promote", *_args(make_settings())]) == 2
+    assert main(["promote", *cli_overrides(make_settings())]) == 2
     assert "no finished run" in _one_error_line(capsys)
 
 
 def test_resume_with_nothing_to_resume(
     make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["fit", *_args(make_settings()), "--resume"]) == 2
+    assert main(["fit", *cli_overrides(make_settings()), "--resume"]) == 2
     assert "no checkpoint" in _one_error_line(capsys)
 
 
@@ -185,7 +172,7 @@ def test_config_is_read_in_either_place(
     preset.write_text("nonsense_section: {}\n")
     config = ["--config", str(preset)]
     argv = [*config, "data"] if where == "before" else ["data", *config]
-    assert main([*argv, *_args(make_settings())]) == 2
+    assert main([*argv, *cli_overrides(make_settings())]) == 2
     assert "nonsense_section" in _one_error_line(capsys)
 
 
@@ -212,7 +199,7 @@ def test_ctrl_c_during_fit_suggests_resume_with_the_same_settings(
     preset = tmp_path / "preset.yaml"
     preset.write_text("train: {epochs: 1}\n")
     config = ["--config", str(preset)]
-    args = _args(make_settings())
+    args = cli_overrides(make_settings())
     argv = [*config, "fit", *args] if where == "before" else ["fit", *config, *args]
     assert main(argv) == 130
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("interrupted")]
@@ -247,7 +234,7 @@ def test_ctrl_c_elsewhere_does_not_suggest_resume(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(target, _interrupt)
-    argv = [command] if command == "alerts" else [command, *_args(make_settings())]
+    argv = [command] if command == "alerts" else [command, *cli_overrides(make_settings())]
     assert main(argv) == 130
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("interrupted")]

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.preprocess import PreprocessSpec
+from tests.conftest import cli_overrides
+from tests.test_engine import toy_model
 from train.__main__ import main
-from train.config import ConfigError, ModelConfig, Settings, TrainConfig
+from train.config import ConfigError, Settings, TrainConfig
 from train.data import iterate_batches
 from train.device import (
     DeviceError,
@@ -28,7 +29,6 @@ from train.device import (
 )
 from train.engine import LAST, Trainer, fit, load_checkpoint, make_training_parts, place_data
 from train.engine import evaluate as engine_evaluate
-from train.models import build_model
 from train.transforms import AugmentationPreset, augment_batch
 
 MakeSettings = Callable[..., Settings]
@@ -133,8 +133,7 @@ def _data(n: int = 24, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig(name="simple_cnn", width=4, dropout=0.2), PreprocessSpec(), 2)
+    return toy_model(seed, dropout=0.2)
 
 
 def _cfg(**kwargs: object) -> TrainConfig:
@@ -245,20 +244,6 @@ def test_half_precision_on_the_cpu_stops_before_training(tmp_path: Path, no_cuda
 # --------------------------------------------------------------------------- command line
 
 
-def _args(settings: Settings) -> list[str]:
-    return [
-        f"data.path={settings.data.path}",
-        f"data.stats_path={settings.data.stats_path}",
-        f"tracking.store_dir={settings.tracking.store_dir}",
-        f"train.checkpoint_dir={settings.train.checkpoint_dir}",
-        "train.epochs=1",
-        "model.name=simple_cnn",
-        "model.width=4",
-        "train.channels_last=false",
-        "train.progress=false",
-    ]
-
-
 def _error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
 
@@ -269,7 +254,7 @@ def test_cli_cuda_without_cuda_is_one_error_line_and_exit_2(
     command: str, make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = make_settings()
-    assert main([command, *_args(settings), "train.device=cuda"]) == 2
+    assert main([command, *cli_overrides(settings), "train.device=cuda"]) == 2
     lines = _error_lines(capsys)
     assert len(lines) == 1 and lines[0].startswith(f"error: {NO_CUDA} (torch ")
     # Nothing was written: no tracking store, no checkpoint.
@@ -285,7 +270,7 @@ def test_cli_device_from_the_environment(
 ) -> None:
     settings = make_settings()
     monkeypatch.setenv("FASHION_SERVE__TRAIN__DEVICE", "cuda")
-    assert main(["fit", *_args(settings)]) == 2
+    assert main(["fit", *cli_overrides(settings)]) == 2
     assert _error_lines(capsys)[0].startswith(f"error: {NO_CUDA}")
 
 
@@ -295,7 +280,7 @@ def test_cli_half_precision_on_the_cpu_is_one_error_line(
     device: str, make_settings: MakeSettings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = make_settings()
-    argv = ["fit", *_args(settings), f"train.device={device}", "train.precision=bf16"]
+    argv = ["fit", *cli_overrides(settings), f"train.device={device}", "train.precision=bf16"]
     assert main(argv) == 2
     lines = _error_lines(capsys)
     assert lines == [

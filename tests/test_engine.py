@@ -37,8 +37,13 @@ def _toy_data(n_per_class: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch
     return images, labels
 
 
-def _model() -> torch.nn.Module:
-    return build_model(ModelConfig(name="simple_cnn", width=4, dropout=0.0), PreprocessSpec(), 2)
+def toy_model(seed: int | None = None, dropout: float = 0.0) -> torch.nn.Module:
+    """A two-class ``simple_cnn`` of width 4 (seeded when ``seed`` is given)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_model(
+        ModelConfig(name="simple_cnn", width=4, dropout=dropout), PreprocessSpec(), 2
+    )
 
 
 def _cfg(**kwargs: object) -> TrainConfig:
@@ -55,7 +60,7 @@ def _cfg(**kwargs: object) -> TrainConfig:
 
 def test_fit_learns_and_reports_each_epoch(tmp_path: Path) -> None:
     seen: list[EpochMetrics] = []
-    model = _model()
+    model = toy_model()
     data = _toy_data()
     state = fit(model, data, data, _cfg(), PRESETS["none"], tmp_path, on_epoch_end=seen.append)
     assert [m.epoch for m in seen] == [1, 2, 3]
@@ -68,8 +73,8 @@ def test_fit_learns_and_reports_each_epoch(tmp_path: Path) -> None:
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     data = _toy_data()
-    initial = _model().state_dict()
-    straight = _model()
+    initial = toy_model().state_dict()
+    straight = toy_model()
     straight.load_state_dict(initial)
     fit(straight, data, data, _cfg(), PRESETS["standard"], tmp_path / "straight")
 
@@ -80,7 +85,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> No
         if metrics.epoch == 2:
             raise CrashError
 
-    crashed = _model()
+    crashed = toy_model()
     crashed.load_state_dict(initial)
     with pytest.raises(CrashError):
         fit(
@@ -95,7 +100,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> No
     payload = load_checkpoint(tmp_path / "run" / LAST)
     assert payload["epoch"] == 1
 
-    resumed = _model()  # fresh weights: everything must come from the checkpoint
+    resumed = toy_model()  # fresh weights: everything must come from the checkpoint
     state = fit(
         resumed, data, data, _cfg(), PRESETS["standard"], tmp_path / "run", resume_from=payload
     )
@@ -110,7 +115,7 @@ def test_early_stopping_stops_when_validation_stalls(tmp_path: Path) -> None:
     # Random validation labels: accuracy cannot keep improving.
     noisy = labels[torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(3))]
     state = fit(
-        _model(),
+        toy_model(),
         (images, labels),
         (images, noisy),
         _cfg(epochs=30, early_stopping_patience=2, lr=1e-12),
@@ -131,7 +136,7 @@ def test_checkpoint_is_atomic_and_keeps_the_previous(tmp_path: Path) -> None:
 
 
 def test_corrupt_checkpoint_names_the_file_and_the_fallback(tmp_path: Path) -> None:
-    model = _model()
+    model = toy_model()
     data = _toy_data(4)
     fit(model, data, data, _cfg(epochs=2), PRESETS["none"], tmp_path)
     good = (tmp_path / PREVIOUS).read_bytes()
@@ -155,7 +160,7 @@ def test_checkpoint_missing_or_incomplete(tmp_path: Path) -> None:
 @pytest.mark.parametrize("scheduler", ["onecycle", "cosine", "none"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_optimizers_and_schedules(scheduler: str, optimizer: str) -> None:
-    model = _model()
+    model = toy_model()
     cfg = _cfg(scheduler=scheduler, optimizer=optimizer, epochs=2)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch=4)
@@ -175,7 +180,7 @@ def test_optimizers_and_schedules(scheduler: str, optimizer: str) -> None:
 def test_channels_last_training_runs(tmp_path: Path) -> None:
     data = _toy_data(4)
     state = fit(
-        _model(),
+        toy_model(),
         data,
         data,
         _cfg(epochs=1, channels_last=True, num_threads=1),
@@ -187,7 +192,7 @@ def test_channels_last_training_runs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("total_steps", range(1, 11))
 def test_onecycle_works_for_very_short_runs(total_steps: int) -> None:
-    model = _model()
+    model = toy_model()
     cfg = _cfg(scheduler="onecycle", epochs=total_steps)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch=1)
@@ -204,10 +209,10 @@ def test_an_explicit_cpu_device_gives_the_same_results_as_none() -> None:
     labels = torch.randint(0, 2, (24,), generator=g)
     preset = AugmentationPreset(crop_padding=2, hflip=True, erase_probability=0.5)
     cfg = _cfg(epochs=1, batch_size=5, eval_batch_size=7, scheduler="onecycle", label_smoothing=0.1)
-    initial = _model().state_dict()
+    initial = toy_model().state_dict()
     runs = []
     for device in (None, "cpu"):
-        model = _model()
+        model = toy_model()
         model.load_state_dict(initial)
         trainer = Trainer(model, cfg, preset, set_seed(7), steps_per_epoch=5, device=device)
         trained = trainer.epoch(images, labels)
