@@ -125,13 +125,27 @@ def service_error(status: int, message: str) -> BadInputError:
 
 
 async def send_json(
-    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+    send: Send,
+    status: int,
+    body: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    method: str = "GET",
 ) -> None:
-    """Answer ``status`` with a complete JSON ``body`` (two ASGI messages)."""
+    """Answer ``status`` with a complete JSON ``body`` (two ASGI messages; ``HEAD``: no body)."""
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers.extend(extra or ())
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+
+def method_not_allowed(
+    scope: Scope, allow: str, takes: str
+) -> tuple[BadInputError, list[tuple[bytes, bytes]]]:
+    """The 405 for a method a gate route does not take, and its ``Allow`` header."""
+    error = BadInputError(
+        405, "method_not_allowed", f"{scope['path']} takes {takes}, not {scope['method']}"
+    )
+    return error, [(b"allow", allow.encode())]
 
 
 async def send_error(
@@ -200,13 +214,7 @@ class UploadGate:
         if self._document is None:
             assert self.openapi is not None
             self._document = json.dumps(self.openapi(self.guard.paths)).encode()
-        body = self._document
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+        await send_json(send, 200, self._document, method=method)
 
     def api_call(self, scope: Scope, endpoint: str) -> ApiCall | None:
         """The direct call for ``endpoint`` (looked up once; see :func:`find_api_call`)."""
@@ -264,16 +272,14 @@ class UploadGate:
         """``GET /model``: the lineage the service instance loaded; 405 for other methods."""
         try:
             self.guard.check(scope["path"], dict(scope["headers"]))
-            if scope["method"] not in ("GET", "HEAD"):
-                raise BadInputError(
-                    405, "method_not_allowed", f"{MODEL_PATH} takes GET, not {scope['method']}"
-                )
         except BadInputError as exc:
-            extra = [(b"allow", b"GET")] if exc.status == 405 else None
-            await send_error(send, exc, extra)
+            await send_error(send, exc)
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            await send_error(send, *method_not_allowed(scope, "GET", "GET"))
             return
         lineage: ModelInfo = bentoml.get_current_service().lineage
-        await send_json(send, 200, lineage.model_dump_json().encode())
+        await send_json(send, 200, lineage.model_dump_json().encode(), method=scope["method"])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Parse and validate the upload, run the API on it (BentoML's batcher), log it.
@@ -296,17 +302,8 @@ class UploadGate:
                     await send_error(send, exc)
                     return
                 if route is not None:
-                    allow = "POST"
-                    await send_error(
-                        send,
-                        BadInputError(
-                            405,
-                            "method_not_allowed",
-                            f"{scope['path']} takes {allow} (multipart/form-data), not "
-                            f"{scope['method']}",
-                        ),
-                        [(b"allow", allow.encode())],
-                    )
+                    takes = "POST (multipart/form-data)"
+                    await send_error(send, *method_not_allowed(scope, "POST", takes))
                     return
                 if (
                     scope["path"] == DOCS_PATH
