@@ -182,37 +182,6 @@ def check_parity(
     return diff
 
 
-def find_imported(
-    name: str, version: str, cfg: ExportConfig, alias: str | None = None
-) -> bentoml.Tag | None:
-    """A stored entry imported from registered ``name`` version ``version`` that can be reused.
-
-    With ``alias``, only the alias's newest entry counts (reusing an older one would leave another
-    version served); without, any entry of that version.
-    """
-    entries = store_entries(cfg.bento_model_name)
-    if alias:
-        newest = newest_for_alias(entries, alias)
-        candidates = [] if newest is None else [newest]
-    else:
-        candidates = entries
-    for stored in candidates:
-        labels = stored.info.labels
-        if labels.get(LABEL_NAME) == name and labels.get(LABEL_VERSION) == version:
-            return stored.tag
-    return None
-
-
-def stored_version(name: str, version: str, cfg: ExportConfig) -> bentoml.Model | None:
-    """The newest entry of any alias imported from registered ``name`` version ``version``."""
-    matching = [
-        m
-        for m in store_entries(cfg.bento_model_name)
-        if m.info.labels.get(LABEL_NAME) == name and m.info.labels.get(LABEL_VERSION) == version
-    ]
-    return max(matching, key=lambda m: m.creation_time, default=None)
-
-
 def without_none(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` without its ``None`` entries (BentoML metadata takes no ``None``)."""
     return {key: value for key, value in values.items() if value is not None}
@@ -264,13 +233,26 @@ def reimport(stored: bentoml.Model, alias: str | None, cfg: ExportConfig) -> ben
 def reuse_or_copy(
     name: str, version: str, alias: str | None, cfg: ExportConfig
 ) -> bentoml.Tag | None:
-    """The entry to serve for an import that needs no export: reused, or a fresh copy; else None."""
-    existing = find_imported(name, version, cfg, alias)
-    if existing is not None:
-        logger.info("{} version {} is already imported as {}", name, version, existing)
-        return existing
-    earlier = stored_version(name, version, cfg)
-    return None if earlier is None else reimport(earlier, alias, cfg)
+    """The entry to serve for an import that needs no export: reused, or a fresh copy; else None.
+
+    With ``alias``, an entry of this version is reused only when it is the alias's newest
+    (reusing an older one would leave another version served); otherwise the newest entry of
+    this version is copied under the alias. Without, any entry of this version is reused.
+    """
+    entries = store_entries(cfg.bento_model_name)
+    same = [
+        m
+        for m in entries
+        if m.info.labels.get(LABEL_NAME) == name and m.info.labels.get(LABEL_VERSION) == version
+    ]
+    if not same:
+        return None
+    newest_of_version = max(same, key=lambda m: m.creation_time)
+    current = newest_for_alias(entries, alias) if alias else newest_of_version
+    if current is not None and current in same:
+        logger.info("{} version {} is already imported as {}", name, version, current.tag)
+        return current.tag
+    return reimport(newest_of_version, alias, cfg)
 
 
 @dataclass(frozen=True)
