@@ -595,7 +595,7 @@ def test_input_spec_needs_the_gate() -> None:
 def readme_blocks(language: str) -> list[str]:
     """The fenced ``language`` blocks of README.md's "Calling it" section."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("### Calling it", 1)[1].split("\n### ", 1)[0]
+    section = re.split(r"\n##+ ", text.split("### Calling it", 1)[1], maxsplit=1)[0]
     return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
 
 
