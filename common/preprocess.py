@@ -40,7 +40,7 @@ class PreprocessSpec(BaseModel):
     background: int = Field(
         0, ge=0, le=255, description="Gray level that transparent pixels are flattened onto."
     )
-    resample: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bilinear"
+    resample: Literal["bilinear", "bicubic", "nearest", "lanczos", "box"] = "lanczos"
     input_layout: Literal["NCHW"] = "NCHW"
     input_scale: Literal["0-255"] = "0-255"
 
@@ -58,6 +58,7 @@ _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
 }
 
 

@@ -237,3 +237,17 @@ def test_onnx_memory_tiny() -> None:
     assert [row[0] for row in rows] == ["true", "false"]
     assert all(int(after) > 0 and int(end) > 0 for _, after, end, _ in rows)
     assert "50 batches of random size 1-16" in result.stdout
+
+
+@pytest.mark.slow
+def test_photo_uploads_tiny() -> None:
+    """PNG and every photo style are scored through the upload path, one row per filter."""
+    result = run_bench_module("bench.photo_uploads", "--tiny", "--limit=40", "--resample", "box")
+    rows = re.findall(r"^\| (.+?) \| (\w+) \| ([\d.]+)% \| ([+-][\d.]+)? ?\|$", result.stdout, re.M)
+    assert rows[0][:2] == ("28×28 grayscale PNG", "none")
+    photos = rows[1:]
+    assert len(photos) == 6 and {r[1] for r in photos} == {"lanczos", "box"}
+    assert all(0 <= float(r[2]) <= 100 for r in rows)
+    # The gap column is the PNG accuracy minus the row's, in points.
+    png = float(rows[0][2])
+    assert all(float(r[3]) == pytest.approx(png - float(r[2]), abs=0.011) for r in photos)

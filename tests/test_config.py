@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from train.config import (
     DEFAULT_AUGMENTATION,
+    DEFAULT_UPLOAD_VARIATION,
     PROJECT_ROOT,
     SECTIONS,
     ConfigError,
@@ -69,6 +70,10 @@ def test_defaults_come_from_every_section_file() -> None:
             if (section, key, expected) == ("data", "augmentation", "auto"):
                 # Resolved while validating: the source's default preset.
                 expected = DEFAULT_AUGMENTATION[settings.data.source]
+            if (section, key, expected) == ("data", "upload_variation", "auto"):
+                expected = DEFAULT_UPLOAD_VARIATION[settings.data.source]
+            if isinstance(expected, list) and isinstance(actual, tuple):
+                expected = tuple(expected)
             if isinstance(actual, Path):
                 assert actual == Path(expected), f"{section}.{key}"
             else:

@@ -38,6 +38,7 @@ from train.data import (
     stratified_split,
     subset,
     to_tensors,
+    with_upload_variation,
     write_statistics,
 )
 
@@ -341,6 +342,9 @@ def test_image_folder_flat(tmp_path: Path, image_folder: Path) -> None:
     assert bundle.original_sizes == {"20x16": 9, "24x24": 9, "30x18": 6}
     assert bundle.spec.image_size == 16 and bundle.spec.channels == 3
     assert len(bundle.spec.mean) == 3
+    # The configured downscale filter travels with the model, so serving shrinks uploads alike.
+    assert bundle.spec.resample == cfg.resample == "lanczos"
+    assert load_data(cfg.model_copy(update={"resample": "box"})).spec.resample == "box"
     assert bundle.source == str(image_folder)
     # the class patterns survive: class c is strongest in colour channel c
     for c in range(3):
@@ -563,3 +567,39 @@ def test_iterate_batches_shuffles_reproducibly() -> None:
     assert first != list(range(50))  # shuffled
     assert order(3) == first  # same seed, same order
     assert order(4) != first
+
+
+# --------------------------------------------------------------------------- photo-like uploads
+
+
+def test_upload_variation_defaults_follow_the_source(tmp_path: Path) -> None:
+    assert _cfg(tmp_path).upload_variation == 0.25
+    assert _cfg(tmp_path, source="image_folder").upload_variation == 0.0
+    assert _cfg(tmp_path, source="image_folder", upload_variation=0.5).upload_variation == 0.5
+    with pytest.raises(ValueError, match="upload_sides"):
+        _cfg(tmp_path, upload_sides=(640, 64))
+    with pytest.raises(ValueError, match="upload_variation"):
+        _cfg(tmp_path, upload_variation=1.5)
+
+
+def test_upload_variation_replaces_a_share_with_uploads_of_the_same_images(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    # Flat blocks: a round trip keeps them recognisable, unlike noise.
+    images = np.kron(rng.integers(0, 256, size=(40, 7, 7, 1)), np.ones((1, 4, 4, 1))).astype(
+        np.uint8
+    )
+    split = Split(images, np.arange(40, dtype=np.int64) % 4)
+    spec = PreprocessSpec()
+    cfg = _cfg(tmp_path, upload_variation=0.5, upload_sides=(100, 300))
+    varied = with_upload_variation(split, spec, cfg, seed=1)
+    changed = (varied.images != images).any(axis=(1, 2, 3))
+    assert changed.sum() == 20 and varied.images.dtype == np.uint8
+    assert varied.images.shape == images.shape and np.array_equal(varied.labels, split.labels)
+    assert np.array_equal(split.images, images)  # the input is not modified
+    # The same images, slightly changed by resizing and JPEG, not other images.
+    diff = np.abs(varied.images.astype(int) - images.astype(int))[changed]
+    assert 0 < diff.mean() < 20
+    again = with_upload_variation(split, spec, cfg, seed=1)
+    assert np.array_equal(again.images, varied.images)  # --resume sees the same data
+    none = with_upload_variation(split, spec, cfg.model_copy(update={"upload_variation": 0.0}), 1)
+    assert none is split

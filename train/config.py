@@ -45,6 +45,10 @@ DEFAULT_AUGMENTATION: dict[str, AugmentationName] = {
     "fashion_mnist": "flip",
     "image_folder": "none",
 }
+#: What ``data.upload_variation: auto`` means per source. Fashion-MNIST's 28×28 images are
+#: served mostly as larger photos, which training must see; an image folder's files already went
+#: through the serving path's decode and resize when loaded.
+DEFAULT_UPLOAD_VARIATION: dict[str, float] = {"fashion_mnist": 0.25, "image_folder": 0.0}
 
 
 #: A configuration problem, with a one-line message that names where it is.
@@ -68,7 +72,20 @@ class DataConfig(_Section):
     split_seed: int = 42
     image_size: int = Field(28, ge=8, le=512, description="ImageFolder images are resized to this.")
     channels: Literal[1, 3] = 1
+    resample: Literal["bilinear", "bicubic", "nearest", "lanczos", "box"] = Field(
+        "lanczos", description="Filter that shrinks images to image_size, in training and serving."
+    )
     limit_per_class: int | None = Field(None, ge=1, description="Subsample for quick runs.")
+    upload_variation: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of training images replaced by a photo-like upload of themselves "
+        "(larger, RGB, JPEG, shrunk back by the serving path). 'auto' (also when not given) is "
+        "the source's DEFAULT_UPLOAD_VARIATION.",
+    )
+    upload_sides: tuple[int, int] = Field((64, 640), description="Upload side range, pixels.")
+    upload_jpeg_quality: tuple[int, int] = Field((70, 95), description="JPEG quality range.")
     augmentation: AugmentationName = Field(
         "flip",
         description="Training augmentation preset. 'auto' (also when not given) is replaced "
@@ -80,12 +97,23 @@ class DataConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _source_default_augmentation(cls, data: Any) -> Any:
-        """``augmentation: auto`` (or none given) becomes the source's default preset."""
-        if isinstance(data, dict) and data.get("augmentation", "auto") == "auto":
-            source = data.get("source", "fashion_mnist")
-            return {**data, "augmentation": DEFAULT_AUGMENTATION.get(str(source), "none")}
+    def _source_defaults(cls, data: Any) -> Any:
+        """``auto`` (or nothing given) becomes the source's default augmentation and variation."""
+        if not isinstance(data, dict):
+            return data
+        source = str(data.get("source", "fashion_mnist"))
+        if data.get("augmentation", "auto") == "auto":
+            data = {**data, "augmentation": DEFAULT_AUGMENTATION.get(source, "none")}
+        if data.get("upload_variation", "auto") == "auto":
+            data = {**data, "upload_variation": DEFAULT_UPLOAD_VARIATION.get(source, 0.0)}
         return data
+
+    @field_validator("upload_sides", "upload_jpeg_quality")
+    @classmethod
+    def _ordered_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1]:
+            raise ValueError("must be [low, high] with 1 <= low <= high")
+        return value
 
     @field_validator("augmentation", mode="before")
     @classmethod

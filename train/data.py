@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import struct
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from loguru import logger
 from numpy.typing import NDArray
+from PIL import Image
 
 from common.preprocess import ImageDecodeError, PreprocessSpec, decode_image, prepare_image
 from train.config import DataConfig, resolve_path
@@ -202,7 +204,7 @@ def load_image_folder(
     if cfg.path is None:
         raise DataError("data.source is image_folder but data.path is not set")
     root = resolve_path(cfg.path)
-    spec = PreprocessSpec(image_size=cfg.image_size, channels=cfg.channels)
+    spec = PreprocessSpec(image_size=cfg.image_size, channels=cfg.channels, resample=cfg.resample)
     if (root / "train").is_dir() and (root / "test").is_dir():
         classes = _list_classes(root / "train")
         test_classes = _list_classes(root / "test")
@@ -276,6 +278,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
         channels=1 if train.images.shape[-1] == 1 else 3,
         mean=tuple(round(m, 4) for m in mean),
         std=tuple(round(s, 4) for s in std),
+        resample=cfg.resample,
     )
     logger.info(
         "data: {} train / {} val / {} test images, {} classes, from {}",
@@ -286,6 +289,47 @@ def load_data(cfg: DataConfig) -> DataBundle:
         source,
     )
     return DataBundle(train, val, test, classes, spec, source, original_sizes)
+
+
+# --------------------------------------------------------------------------- photo-like uploads
+
+
+def photo_like_upload(
+    pixels: NDArray[np.uint8],
+    side: int,
+    quality: int,
+    upscale: Image.Resampling = Image.Resampling.BICUBIC,
+) -> bytes:
+    """``pixels`` ``[H, W, C]`` as a phone or a web shop would send them: larger, RGB, JPEG."""
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).convert("RGB")
+    image = image.resize((side, side), upscale)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def with_upload_variation(split: Split, spec: PreprocessSpec, cfg: DataConfig, seed: int) -> Split:
+    """A copy of ``split`` whose ``cfg.upload_variation`` share went through an upload round trip.
+
+    Each chosen image becomes a photo-like upload of itself (a random side in
+    ``cfg.upload_sides``, a random ``cfg.upload_jpeg_quality``), decoded and shrunk back by the
+    serving path's own functions, so the model learns what served photos look like.
+    """
+    count = round(len(split) * cfg.upload_variation)
+    if count == 0:
+        return split
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(split), size=count, replace=False)
+    sides = rng.integers(cfg.upload_sides[0], cfg.upload_sides[1] + 1, size=count)
+    qualities = rng.integers(cfg.upload_jpeg_quality[0], cfg.upload_jpeg_quality[1] + 1, size=count)
+    images = split.images.copy()
+    for index, side, quality in zip(
+        chosen.tolist(), sides.tolist(), qualities.tolist(), strict=True
+    ):
+        data = photo_like_upload(images[index], side, quality)
+        images[index] = prepare_image(decode_image(data, max_pixels=side * side), spec)
+    logger.info("data: {} of {} training images replaced by photo-like uploads", count, len(split))
+    return Split(images, split.labels)
 
 
 # --------------------------------------------------------------------------- statistics

@@ -21,7 +21,14 @@ from loguru import logger
 from common.preprocess import PreprocessSpec, to_model_input
 from train import tracking
 from train.config import Settings, resolve_path
-from train.data import DataBundle, dataset_statistics, load_data, to_tensors, write_statistics
+from train.data import (
+    DataBundle,
+    dataset_statistics,
+    load_data,
+    to_tensors,
+    with_upload_variation,
+    write_statistics,
+)
 from train.device import Placement, resolve_device, resolve_placement
 from train.engine import (
     CheckpointError,
@@ -128,7 +135,9 @@ def run_fit(
 
         state = fit(
             model,
-            to_tensors(bundle.train),
+            to_tensors(
+                with_upload_variation(bundle.train, bundle.spec, settings.data, settings.train.seed)
+            ),
             to_tensors(bundle.val),
             settings.train,
             preset,
