@@ -308,6 +308,28 @@ def render_prometheus_rules(settings: AlertSettings) -> str:
     return header + yaml.safe_dump(prometheus_rules(settings), sort_keys=False, width=1000)
 
 
+def prometheus_rule_manifest(settings: AlertSettings) -> dict[str, Any]:
+    """The same rules as a Prometheus Operator ``PrometheusRule`` (``monitoring.coreos.com/v1``)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": settings.prometheus.k8s_name,
+            "labels": dict(settings.prometheus.k8s_labels),
+        },
+        "spec": prometheus_rules(settings),
+    }
+
+
+def render_prometheus_rule_manifest(settings: AlertSettings) -> str:
+    """The PrometheusRule manifest's text (``deploy/k8s/prometheusrule.yaml``)."""
+    header = (
+        "# Generated from configs/alerts.yaml by `python -m train alert-rules`; do not edit.\n"
+        "# Needs the Prometheus Operator's CRDs: kubectl apply -f deploy/k8s/prometheusrule.yaml\n"
+    )
+    return header + yaml.safe_dump(prometheus_rule_manifest(settings), sort_keys=False, width=1000)
+
+
 # --------------------------------------------------------------------------- command helpers
 
 

@@ -1,0 +1,128 @@
+"""Alerting end to end: the served model, the real Prometheus and Alertmanager, one alert delivered.
+
+A tiny model is served by ``bentoml serve``; :func:`scripts.monitoring.monitoring_stack` starts
+Debian's ``prometheus`` and ``prometheus-alertmanager`` on free loopback ports with a 1 s scrape
+and evaluation interval and the project's rules rendered from ``configs/alerts.yaml`` (with
+``for: 0s`` and the error-rate rule counting 4xx, through the settings overrides). Requests that
+are not images (4xx) are sent until Alertmanager's ``GET /api/v2/alerts`` holds
+``FashionServeHighErrorRate``; the same run checks :func:`common.prometheus.query_range` against
+the real Prometheus. Deadlines, not sleeps: a loaded 2-core machine only makes it slower.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from common.alerts import load_alert_settings
+from common.prometheus import PrometheusError, Series, load_monitoring_settings, query_range
+from scripts.monitoring import Stack, monitoring_stack
+from tests.serving_fixtures import PNG
+from tests.serving_helpers import bentoml_serve, free_port, import_tiny, serve_env, tiny_model
+from train.monitoring import render_prometheus_rules
+
+pytestmark = pytest.mark.slow
+
+DEADLINE_S = 90.0
+ALERT = "FashionServeHighErrorRate"
+#: Every rule fires as soon as its condition holds; the error-rate rule counts client errors too.
+ALERT_OVERRIDES = {
+    **{
+        f"FASHION_SERVE_ALERTS__RULES__{rule}__FOR": "0s"
+        for rule in ("ERROR_RATE", "P99_LATENCY", "DRIFT", "NO_TRAFFIC")
+    },
+    "FASHION_SERVE_ALERTS__RULES__ERROR_RATE__MIN_STATUS": "400",
+    "FASHION_SERVE_ALERTS__RULES__ERROR_RATE__MIN_REQUESTS": "5",
+    "FASHION_SERVE_ALERTS__PROMETHEUS__RATE_WINDOW": "20s",
+}
+
+
+@pytest.fixture(scope="module")
+def service_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("alerting-service")
+    import_tiny(tiny_model(seed=0), folder / "bentoml")
+    with bentoml_serve(serve_env(folder / "bentoml", workers=1), folder / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def stack(service_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    folder = tmp_path_factory.mktemp("monitoring")
+    target = service_url.removeprefix("http://")
+    settings = load_monitoring_settings(
+        environ={
+            "FASHION_SERVE_MONITORING__DATA_DIR": str(folder),
+            "FASHION_SERVE_MONITORING__SCRAPE__TARGET": target,
+            "FASHION_SERVE_MONITORING__SCRAPE__INTERVAL": "1s",
+            "FASHION_SERVE_MONITORING__PROMETHEUS__PORT": str(free_port()),
+            "FASHION_SERVE_MONITORING__ALERTMANAGER__PORT": str(free_port()),
+            "FASHION_SERVE_MONITORING__ALERTMANAGER__GROUP_WAIT": "1s",
+        }
+    )
+    rules = render_prometheus_rules(load_alert_settings(environ=ALERT_OVERRIDES))
+    with monitoring_stack(settings, rules) as running:
+        yield running
+
+
+def alerts(stack: Stack) -> list[dict[str, Any]]:
+    """What Alertmanager holds now (``GET /api/v2/alerts``)."""
+    response = httpx.get(f"{stack.alertmanager_url}/api/v2/alerts", timeout=10)
+    assert response.status_code == 200, response.text
+    found: list[dict[str, Any]] = response.json()
+    return found
+
+
+def test_failing_requests_reach_alertmanager_as_the_error_rate_alert(
+    service_url: str, stack: Stack
+) -> None:
+    settings = load_alert_settings(environ=ALERT_OVERRIDES)
+    deadline = time.monotonic() + DEADLINE_S
+    received: list[dict[str, Any]] = []
+    with httpx.Client(base_url=service_url, timeout=30) as client:
+        # Good and bad requests spread over several scrapes, so rate() sees the counters move.
+        while time.monotonic() < deadline:
+            statuses = [
+                client.post("/predict", files={"image": ("x.png", body, "image/png")}).status_code
+                for body in (PNG, b"not an image", b"not an image either")
+            ]
+            assert statuses[0] == 200 and all(400 <= s < 500 for s in statuses[1:]), statuses
+            received = [a for a in alerts(stack) if a["labels"]["alertname"] == ALERT]
+            if received:
+                break
+            time.sleep(0.5)
+    assert received, f"{ALERT} did not reach Alertmanager in {DEADLINE_S:.0f} s"
+    (alert,) = received
+    assert alert["labels"] == {"alertname": ALERT, "severity": settings.rules.error_rate.severity}
+    assert alert["annotations"]["summary"] == settings.rules.error_rate.summary
+    assert alert["status"]["state"] == "active"
+
+
+def test_query_range_reads_the_scraped_series(stack: Stack, service_url: str) -> None:
+    """The series notebook 03 reads: the service's request counter, as Prometheus stored it."""
+    end = datetime.now(UTC)
+    deadline = time.monotonic() + DEADLINE_S
+    series: list[Series] = []
+    while time.monotonic() < deadline and not series:
+        httpx.post(f"{service_url}/predict", files={"image": ("x.png", PNG, "image/png")})
+        end = datetime.now(UTC)
+        series = query_range(
+            stack.prometheus_url,
+            'fashion_serve_requests_total{status="200"}',
+            end - timedelta(minutes=5),
+            end,
+            step_s=1,
+        )
+        time.sleep(0.5)
+    assert series, "Prometheus holds no fashion_serve_requests_total series"
+    (ok,) = series
+    assert ok.labels["job"] == load_monitoring_settings().scrape.job
+    assert ok.labels["endpoint"] == "/predict"
+    assert ok.values[-1] >= 1
+    assert ok.times == sorted(ok.times) and ok.times[-1] <= end + timedelta(seconds=1)
+    with pytest.raises(PrometheusError, match="refused"):
+        query_range(stack.prometheus_url, "sum(", end - timedelta(minutes=1), end, 1)
