@@ -6,7 +6,7 @@
 rendered from ``configs/alerts.yaml`` by :func:`train.monitoring.render_prometheus_rules`).
 ``scripts/monitoring.py`` (``make monitoring``) starts the two servers on them.
 :func:`query_range` reads a series back over Prometheus's HTTP API (``/api/v1/query_range``), for
-notebook 03. Torch-free and BentoML-free; the HTTP client is the standard library's.
+notebook 03 (which plots :func:`dashboard_queries` with it). Torch-free and BentoML-free; the HTTP client is the standard library's.
 """
 
 from __future__ import annotations
@@ -215,6 +215,25 @@ class Series:
     labels: dict[str, str]
     times: list[datetime]
     values: list[float]
+
+
+def dashboard_queries(rate_window: str, selector: str = "") -> dict[str, str]:
+    """PromQL of the service's health over time (notebook 03), by title.
+
+    Args:
+        rate_window: The ``rate()`` window (the alert rules use ``prometheus.rate_window``).
+        selector: Label matchers added to every selector, e.g. ``job="fashion-serve"``.
+    """
+    every = "{" + selector + "}" if selector else ""
+    failed = "{" + ",".join(m for m in (selector, 'status=~"5.."') if m) + "}"
+    requests = f"sum(rate(fashion_serve_requests_total{every}[{rate_window}]))"
+    return {
+        "requests / s": requests,
+        "5xx share": f"sum(rate(fashion_serve_requests_total{failed}[{rate_window}])) / {requests}",
+        "p99 latency (s)": "histogram_quantile(0.99, sum by (le) "
+        f"(rate(fashion_serve_request_seconds_bucket{every}[{rate_window}])))",
+        "max drift PSI": f"max(fashion_serve_drift_psi{every})",
+    }
 
 
 def query_range(

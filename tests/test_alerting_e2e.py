@@ -11,9 +11,11 @@ the real Prometheus. Deadlines, not sleeps: a loaded 2-core machine only makes i
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +26,7 @@ from common.prometheus import PrometheusError, Series, load_monitoring_settings,
 from scripts.monitoring import Stack, monitoring_stack
 from tests.serving_fixtures import PNG
 from tests.serving_helpers import bentoml_serve, free_port, import_tiny, serve_env, tiny_model
+from tests.test_notebooks import _execute, _outputs
 from train.monitoring import render_prometheus_rules
 
 pytestmark = pytest.mark.slow
@@ -43,10 +46,17 @@ ALERT_OVERRIDES = {
 
 
 @pytest.fixture(scope="module")
-def service_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The BentoML home (``bentoml/``) and the service's logs."""
     folder = tmp_path_factory.mktemp("alerting-service")
     import_tiny(tiny_model(seed=0), folder / "bentoml")
-    with bentoml_serve(serve_env(folder / "bentoml", workers=1), folder / "server.log") as url:
+    return folder
+
+
+@pytest.fixture(scope="module")
+def service_url(service_dir: Path) -> Iterator[str]:
+    env = serve_env(service_dir / "bentoml", workers=1)
+    with bentoml_serve(env, service_dir / "server.log") as url:
         yield url
 
 
@@ -126,3 +136,21 @@ def test_query_range_reads_the_scraped_series(stack: Stack, service_url: str) ->
     assert ok.times == sorted(ok.times) and ok.times[-1] <= end + timedelta(seconds=1)
     with pytest.raises(PrometheusError, match="refused"):
         query_range(stack.prometheus_url, "sum(", end - timedelta(minutes=1), end, 1)
+
+
+def test_dashboard_reads_prometheus_when_told_where(
+    stack: Stack, service_url: str, service_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Notebook 03 with ``PROMETHEUS_URL``: its Prometheus section plots the scraped series."""
+    monkeypatch.setenv("PROMETHEUS_URL", stack.prometheus_url)
+    monkeypatch.setenv("PROMETHEUS_RANGE", "10m")
+    monkeypatch.setenv("BENTOML_HOME", str(service_dir / "bentoml"))
+    monkeypatch.setenv("FASHION_SERVE_DASHBOARD_LOGS", str(service_dir / "service.*"))
+    monkeypatch.setenv("FASHION_SERVE_DASHBOARD_PREDICTIONS", str(service_dir / "predictions.*"))
+    monkeypatch.setenv("FASHION_SERVE_DASHBOARD_METRICS", f"{service_url}/metrics")
+    notebook = _execute("03_monitoring_dashboard.ipynb", service_dir)
+    text, errors = _outputs(notebook)
+    assert errors == []
+    requests = re.search(r"requests / s: 1 series, (\d+) points from Prometheus", text)
+    assert requests and int(requests[1]) > 0, text[-3000:]
+    assert "p99 latency (s): 1 series" in text

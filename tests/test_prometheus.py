@@ -30,6 +30,7 @@ from common.alerts import load_alert_settings
 from common.prometheus import (
     MonitoringSettings,
     PrometheusError,
+    dashboard_queries,
     load_monitoring_settings,
     query_range,
     write_configs,
@@ -110,6 +111,29 @@ def test_generated_configs_pass_promtool_and_amtool(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- query_range
 
 
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """promtool parses each query (as a recording rule); the selector reaches every metric."""
+    queries = dashboard_queries("5m", 'job="fashion-serve"')
+    assert all(
+        expr.count("fashion_serve_") == expr.count('job="fashion-serve"')
+        for expr in queries.values()
+    )
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": expr} for i, expr in enumerate(queries.values())
+    ]
+    (tmp_path / "queries.yml").write_text(
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]})
+    )
+    checked = subprocess.run(
+        [tool("promtool"), "check", "rules", str(tmp_path / "queries.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in checked.stdout
+
+
 @pytest.fixture
 def stub_prometheus() -> Iterator[tuple[str, list[dict[str, list[str]]]]]:
     """A loopback server answering ``/api/v1/query_range`` like Prometheus; (URL, queries seen)."""
@@ -129,6 +153,9 @@ def stub_prometheus() -> Iterator[tuple[str, list[dict[str, list[str]]]]]:
                 ]
             elif query == "scalar(1)":
                 body["data"] = {"resultType": "scalar", "result": [1700000000, "1"]}
+            elif query == "behind a proxy":
+                self.send_error(502, "Bad Gateway")  # an HTML page, not Prometheus's JSON
+                return
             else:
                 status, body = 400, {"status": "error", "error": "parse error at char 5"}
             encoded = json.dumps(body).encode()
@@ -173,6 +200,8 @@ def test_query_range_errors_are_one_line(stub_prometheus: tuple[str, list[Any]])
         query_range(url, "sum(", start, end, 1)
     with pytest.raises(PrometheusError, match="answered 'scalar\\(1\\)' with"):
         query_range(url, "scalar(1)", start, end, 1)
+    with pytest.raises(PrometheusError, match="refused 'behind a proxy': Bad Gateway"):
+        query_range(url, "behind a proxy", start, end, 1)
     with pytest.raises(PrometheusError, match="cannot query"):
         query_range(f"http://127.0.0.1:{free_port()}", "up", start, end, 1, timeout_s=2)
     with pytest.raises(PrometheusError, match="not an http"):
