@@ -51,6 +51,9 @@ class ScrapeSettings(_Strict):
     metrics_path: str = Field(pattern=r"^/")
     job: str = Field(min_length=1)
     interval: str
+    credentials_file: Path | None = Field(
+        None, description="A file holding the service's API key, sent as a bearer token."
+    )
 
     _interval = field_validator("interval")(_duration)
 
@@ -113,6 +116,17 @@ def prometheus_config(settings: MonitoringSettings, rules_file: Path) -> dict[st
     """``prometheus.yml``: scrape the service, load ``rules_file``, alert to the Alertmanager."""
     scrape = settings.scrape
     alertmanager = settings.alertmanager
+    job: dict[str, Any] = {
+        "job_name": scrape.job,
+        "metrics_path": scrape.metrics_path,
+        "static_configs": [{"targets": [scrape.target]}],
+    }
+    if scrape.credentials_file is not None:
+        # Prometheus reads the key itself at each scrape: it is never copied into its config.
+        job["authorization"] = {
+            "type": "Bearer",
+            "credentials_file": str(resolve_path(scrape.credentials_file)),
+        }
     return {
         "global": {"scrape_interval": scrape.interval, "evaluation_interval": scrape.interval},
         "rule_files": [str(rules_file)],
@@ -121,13 +135,7 @@ def prometheus_config(settings: MonitoringSettings, rules_file: Path) -> dict[st
                 {"static_configs": [{"targets": [f"{alertmanager.host}:{alertmanager.port}"]}]}
             ]
         },
-        "scrape_configs": [
-            {
-                "job_name": scrape.job,
-                "metrics_path": scrape.metrics_path,
-                "static_configs": [{"targets": [scrape.target]}],
-            }
-        ],
+        "scrape_configs": [job],
     }
 
 

@@ -99,8 +99,28 @@ def test_generated_configs_pass_promtool_and_amtool(tmp_path: Path) -> None:
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 4 rules found" in checked.stdout  # the rules file was loaded too
+    assert "authorization" not in prometheus["scrape_configs"][0]
     checked = subprocess.run(
         [tool("amtool"), "check-config", str(files.alertmanager)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_protected_metrics_endpoint_gets_the_key_from_its_file(tmp_path: Path) -> None:
+    """Prometheus is told where the key is; the key itself stays out of every generated file."""
+    key = tmp_path / "api-key"
+    key.write_text("k" * 32)
+    key.chmod(0o600)
+    settings = settings_in(tmp_path / "data", scrape__credentials_file=str(key))
+    files = write_configs(settings, rules_text())
+    (job,) = yaml.safe_load(files.prometheus.read_text())["scrape_configs"]
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": str(key)}
+    assert all("k" * 32 not in path.read_text() for path in files.folder.glob("*.yml"))
+    checked = subprocess.run(
+        [tool("promtool"), "check", "config", str(files.prometheus)],
         capture_output=True,
         text=True,
         timeout=60,
