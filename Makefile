@@ -32,10 +32,10 @@ RECIPE_ARGS ?=
 BENCH_NICE ?=
 # `make run` needs only the data set (without apt, torchvision downloads it: see data.path).
 RUN_APT_PACKAGES := dataset-fashion-mnist
-# The test tools: wrk (make bench/bench-serve/soak and their tests), promtool from prometheus
-# (the alert-rule tests), chromium + its driver (the Swagger UI test, make screenshots), tmux,
+# The test tools: wrk (make bench/bench-serve/soak and their tests), prometheus (promtool for the
+# alert-rule tests) and prometheus-alertmanager (make monitoring, the alerting test), chromium + its driver (the Swagger UI test, make screenshots), tmux,
 # imagemagick and fonts-dejavu-core (make demo and its test).
-TEST_APT_PACKAGES := wrk prometheus chromium chromium-driver tmux imagemagick fonts-dejavu-core
+TEST_APT_PACKAGES := wrk prometheus prometheus-alertmanager chromium chromium-driver tmux imagemagick fonts-dejavu-core
 # Containers without a Docker engine or a registry (docs/deployment.md): podman + runc, debootstrap
 # for the offline base, podman-compose for docker-compose.yaml.
 CONTAINER_APT_PACKAGES := podman buildah runc debootstrap podman-compose
@@ -59,7 +59,7 @@ COMPOSE_FILES := -f docker-compose.yaml $(if $(filter postgres,$(MLFLOW_DB)),-f 
 # Models live in BentoML's own store (BENTOML_HOME if exported, else ~/bentoml), so plain
 # `bentoml serve service:Classifier`, `bentoml models list` and `bentoml build` see them.
 
-.PHONY: setup setup-dev system-deps test-deps data train fit promote import serve run test lint typecheck pytest mlflow mlflow-ui sweep bench bench-serve recipe-search openapi soak screenshots demo alerts alert-rules clean help
+.PHONY: setup setup-dev system-deps test-deps data train fit promote import serve run test lint typecheck pytest mlflow mlflow-ui sweep bench bench-serve recipe-search openapi soak screenshots demo alerts alert-rules monitoring clean help
 .PHONY: container-deps container-base container container-smoke mlflow-image postgres-image compose-up compose-down
 
 help:  ## list targets
@@ -139,8 +139,11 @@ demo: setup-dev  ## record `make run` and `make test` (real runs, tmux) + Swagge
 alerts: setup  ## evaluate configs/alerts.yaml over the service's logs (exit 1 when an alert fires)
 	$(PY) -m train alerts
 
-alert-rules: setup  ## write deploy/prometheus/alerts.yml from configs/alerts.yaml
+alert-rules: setup  ## write deploy/prometheus/alerts.yml and deploy/k8s/prometheusrule.yaml from configs/alerts.yaml
 	$(PY) -m train alert-rules
+
+monitoring: setup test-deps  ## Prometheus scraping the service at HOST:PORT, with the alert rules, + Alertmanager (loopback; Ctrl-C stops)
+	FASHION_SERVE_MONITORING__SCRAPE__TARGET=$(HOST):$(PORT) $(PY) scripts/monitoring.py
 
 mlflow mlflow-ui: setup  ## MLflow UI (127.0.0.1, MLFLOW_PORT) over the project's store mlflow/; plain `mlflow ui` opens ./mlflow.db
 	$(VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \

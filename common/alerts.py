@@ -88,6 +88,8 @@ class PrometheusSettings(_Strict):
     group: str
     rate_window: Duration = Field(pattern=_DURATION.pattern)
     job_selector: str = Field(description='Label matchers added to every selector, e.g. job="x".')
+    k8s_name: str = Field(min_length=1, description="metadata.name of the PrometheusRule.")
+    k8s_labels: dict[str, str] = Field(description="metadata.labels of the PrometheusRule.")
 
 
 class AlertSettings(_Strict):

@@ -6,10 +6,11 @@ private BentoML name: the server is the ``bentoml`` command next to this interpr
 model store it reads is ``BENTOML_HOME`` in the environment it is given (unset: BentoML's own,
 ``~/bentoml``).
 
-- :func:`wait_ready` polls ``GET /readyz`` until 200 while the server (process or container) is
-  alive; it returns the seconds since the start.
-- :class:`Server` is one ``bentoml serve`` process in its own process group: its URL, cold start,
-  log tail, and a stop that always ends the whole group.
+- :func:`wait_ready` polls ``GET /readyz`` (or another readiness path) until 200 while the server
+  (process or container) is alive; it returns the seconds since the start.
+- :class:`Server` is one ``bentoml serve`` process (or another server, e.g. Prometheus, given its
+  command, listen flags and readiness path) in its own process group: its URL, cold start, log
+  tail, and a stop that always ends the whole group.
 - :func:`serve` starts one on a free loopback port, waits until it is ready, yields its URL and
   always stops it.
 """
@@ -32,6 +33,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 #: The service ``bentoml serve`` runs (what ``make serve`` runs).
 SERVICE = "service:Classifier"
 LOOPBACK = "127.0.0.1"
+#: The readiness path of the service (Prometheus and Alertmanager answer ``/-/ready``).
+READY_PATH = "/readyz"
 #: How often :func:`wait_ready` asks, and how long one ``/readyz`` request may take.
 POLL_S = 0.1
 PROBE_TIMEOUT_S = 2.0
@@ -71,8 +74,9 @@ def wait_ready(
     alive: Callable[[], bool],
     started: float | None = None,
     poll_s: float = POLL_S,
+    path: str = READY_PATH,
 ) -> float:
-    """Poll ``{url}/readyz`` until it answers 200; the seconds since ``started``.
+    """Poll ``{url}{path}`` (``/readyz``) until it answers 200; the seconds since ``started``.
 
     Args:
         url: the server's base URL.
@@ -80,6 +84,7 @@ def wait_ready(
         alive: whether the server (a process, a container) is still running; asked between polls.
         started: ``time.monotonic()`` at the server's start (default: now).
         poll_s: seconds between polls.
+        path: the readiness path.
 
     Raises:
         ServeError: the server stopped running, or was not ready in ``timeout_s``.
@@ -89,23 +94,28 @@ def wait_ready(
     with httpx.Client(timeout=PROBE_TIMEOUT_S) as client:
         while True:
             try:
-                if client.get(f"{url}/readyz").status_code == 200:
+                if client.get(f"{url}{path}").status_code == 200:
                     return time.monotonic() - started
             except httpx.HTTPError:
                 pass
             if not alive():
-                raise ServeError(f"the server at {url} exited before /readyz answered 200")
+                raise ServeError(f"the server at {url} exited before {path} answered 200")
             if time.monotonic() > deadline:
-                raise ServeError(f"/readyz at {url} did not answer 200 within {timeout_s:.0f} s")
+                raise ServeError(f"{path} at {url} did not answer 200 within {timeout_s:.0f} s")
             time.sleep(poll_s)
+
+
+def host_port_flags(host: str, port: int) -> list[str]:
+    """``--host HOST --port PORT``: how ``bentoml serve`` is told where to listen."""
+    return ["--host", host, "--port", str(port)]
 
 
 class Server:
     """A server process (by default ``bentoml serve service:Classifier``) in its own group.
 
-    ``command`` gets ``--host HOST --port PORT`` appended and must answer ``GET /readyz``; it runs
-    in the project root with ``env`` (``BENTOML_HOME`` there picks the store), its output in
-    ``log``.
+    ``command`` gets ``listen(host, port)`` appended (``--host HOST --port PORT``) and must answer
+    ``GET ready_path`` (``/readyz``); it runs in the project root with ``env`` (``BENTOML_HOME``
+    there picks the store), its output in ``log``.
     """
 
     def __init__(
@@ -115,16 +125,19 @@ class Server:
         env: Mapping[str, str],
         log: Path,
         command: Sequence[str] | None = None,
+        listen: Callable[[str, int], Sequence[str]] = host_port_flags,
+        ready_path: str = READY_PATH,
     ) -> None:
         self.url = f"http://{host}:{port}"
         self.log = log
+        self.ready_path = ready_path
         self.cold_start_s = float("nan")
         self.stopped: str | None = None
         command = list(command or bentoml_command())
         self.spawned = time.monotonic()
         with log.open("wb") as sink:
             self.process = subprocess.Popen(
-                [*command, "--host", host, "--port", str(port)],
+                [*command, *listen(host, port)],
                 cwd=PROJECT_ROOT,
                 env=dict(env),
                 stdout=sink,
@@ -144,13 +157,15 @@ class Server:
             return "(no server log)"
 
     def wait_ready(self, timeout_s: float) -> float:
-        """Wait for ``/readyz`` = 200; the seconds since spawn (the cold start).
+        """Wait for ``ready_path`` (``/readyz``) = 200; the seconds since spawn (the cold start).
 
         Raises:
             ServeError: the process exited or was not ready in ``timeout_s`` (with the log tail).
         """
         try:
-            self.cold_start_s = wait_ready(self.url, timeout_s, self.alive, self.spawned)
+            self.cold_start_s = wait_ready(
+                self.url, timeout_s, self.alive, self.spawned, path=self.ready_path
+            )
         except ServeError as exc:
             raise ServeError(f"{exc}; log tail:\n{self.log_tail()}") from exc
         return self.cold_start_s

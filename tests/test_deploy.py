@@ -10,6 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from common.alerts import load_alert_settings
+from common.prometheus import load_monitoring_settings
 from scripts.container import load_container_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +58,27 @@ def test_deployment_probes_resources_and_service_wiring() -> None:
     assert service["spec"]["ports"][0]["targetPort"] == port["name"]
     hpa = manifest("hpa.yaml")
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+
+
+def test_pods_invite_prometheus_to_scrape_their_metrics() -> None:
+    """The prometheus.io annotations point at the container's port and the service's /metrics."""
+    template = manifest("deployment.yaml")["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    (main,) = template["spec"]["containers"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(main["ports"][0]["containerPort"])
+    assert annotations["prometheus.io/path"] == load_monitoring_settings().scrape.metrics_path
+
+
+def test_prometheus_rule_is_generated_and_kept_out_of_the_kustomization() -> None:
+    """The PrometheusRule needs the Prometheus Operator's CRD, so it is applied on its own."""
+    rule = manifest("prometheusrule.yaml")
+    settings = load_alert_settings()
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert rule["metadata"]["name"] == settings.prometheus.k8s_name
+    assert rule["metadata"]["labels"] == settings.prometheus.k8s_labels
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert "prometheusrule.yaml" not in kustomization["resources"]
 
 
 @pytest.mark.parametrize("name", ["docker-compose.yaml", "docker-compose.postgres.yaml"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -29,10 +30,17 @@ from common.drift import (
 from common.settings import SettingsError
 from train import monitoring
 from train.__main__ import main
-from train.monitoring import evaluate_alerts, render_prometheus_rules
+from train.monitoring import (
+    PROMETHEUS_ALERTS,
+    evaluate_alerts,
+    prometheus_rules,
+    render_prometheus_rule_manifest,
+    render_prometheus_rules,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_FILE = ROOT / "deploy" / "prometheus" / "alerts.yml"
+RULE_MANIFEST = ROOT / "deploy" / "k8s" / "prometheusrule.yaml"
 CLASSES = ["a", "b", "c"]
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -306,17 +314,82 @@ def test_alerts_command_defaults_to_the_serving_config(
 
 
 def test_rules_file_matches_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """deploy/prometheus/alerts.yml is what ``python -m train alert-rules`` writes now."""
-    stale = "deploy/prometheus/alerts.yml is stale: run python -m train alert-rules"
-    assert RULES_FILE.read_text() == render_prometheus_rules(load_alert_settings()), stale
-    assert main(["alert-rules", "--check", "--output", str(RULES_FILE)]) == 0
+    """deploy/prometheus/alerts.yml and the PrometheusRule are what ``alert-rules`` writes now."""
+    stale = "stale: run python -m train alert-rules"
+    settings = load_alert_settings()
+    assert RULES_FILE.read_text() == render_prometheus_rules(settings), stale
+    assert RULE_MANIFEST.read_text() == render_prometheus_rule_manifest(settings), stale
+    committed = ["--output", str(RULES_FILE), "--k8s-output", str(RULE_MANIFEST)]
+    assert main(["alert-rules", "--check", *committed]) == 0
     written = tmp_path / "rules" / "alerts.yml"
-    assert main(["alert-rules", "--check", "--output", str(written)]) == 1
-    assert main(["alert-rules", "--output", str(written)]) == 0
+    manifest = tmp_path / "k8s" / "prometheusrule.yaml"
+    fresh = ["--output", str(written), "--k8s-output", str(manifest)]
+    assert main(["alert-rules", "--check", *fresh]) == 1
+    assert main(["alert-rules", *fresh]) == 0
     assert written.read_text() == RULES_FILE.read_text()
-    written.write_text(written.read_text() + "# edited\n")
-    assert main(["alert-rules", "--check", "--output", str(written)]) == 1
-    assert "stale" in capsys.readouterr().err
+    assert manifest.read_text() == RULE_MANIFEST.read_text()
+    assert main(["alert-rules", "--check", *fresh]) == 0
+    capsys.readouterr()
+    manifest.write_text(manifest.read_text() + "# edited\n")
+    assert main(["alert-rules", "--check", *fresh]) == 1
+    err = capsys.readouterr().err
+    assert f"{manifest} is stale" in err and str(written) not in err
+
+
+def test_prometheus_rule_manifest_holds_the_same_rules(settings: AlertSettings) -> None:
+    """The Kubernetes PrometheusRule carries exactly the rules file's groups, with its labels."""
+    manifest = yaml.safe_load(render_prometheus_rule_manifest(settings))
+    assert manifest["apiVersion"] == "monitoring.coreos.com/v1"
+    assert manifest["kind"] == "PrometheusRule"
+    assert manifest["metadata"] == {
+        "name": settings.prometheus.k8s_name,
+        "labels": settings.prometheus.k8s_labels,
+    }
+    assert manifest["spec"] == yaml.safe_load(render_prometheus_rules(settings))
+
+
+def exported_series() -> set[str]:
+    """The series names the service's own metrics appear under on ``/metrics``."""
+    from serving.telemetry import service_metrics
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    metrics = service_metrics()
+    return {
+        family.name + suffix
+        for field in type(metrics).__dataclass_fields__
+        for family in getattr(metrics, field).describe()
+        for suffix in suffixes[family.type]
+    }
+
+
+def test_every_alert_has_a_rule_over_exported_metrics(settings: AlertSettings) -> None:
+    """One Prometheus alert per rule of configs/alerts.yaml, over series the service exports."""
+    assert set(PROMETHEUS_ALERTS) == set(type(settings.rules).model_fields)
+    (group,) = prometheus_rules(settings)["groups"]
+    by_alert = {rule["alert"]: rule for rule in group["rules"]}
+    assert set(by_alert) == set(PROMETHEUS_ALERTS.values())
+    exported = exported_series()
+    assert "fashion_serve_drift_psi" in exported and "fashion_serve_requests_total" in exported
+    for name, alert in PROMETHEUS_ALERTS.items():
+        spec = getattr(settings.rules, name)
+        rule = by_alert[alert]
+        assert (rule["for"], rule["labels"]["severity"]) == (spec.for_, spec.severity)
+        used = set(re.findall(r"fashion_serve_\w+", rule["expr"]))
+        assert used and used <= exported, f"{alert} uses {used - exported}, not on /metrics"
+
+
+def test_promtool_accepts_the_prometheus_rule_spec(tmp_path: Path) -> None:
+    """What the Prometheus Operator loads from the PrometheusRule is a valid rules file."""
+    spec = yaml.safe_load(RULE_MANIFEST.read_text())["spec"]
+    (tmp_path / "spec.yml").write_text(yaml.safe_dump(spec))
+    result = subprocess.run(
+        [promtool(), "check", "rules", str(tmp_path / "spec.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(PROMETHEUS_ALERTS)} rules found" in result.stdout
 
 
 def promtool() -> str:
@@ -408,7 +481,8 @@ def test_cli_module_runs_without_torch(tmp_path: Path) -> None:
     """``alerts``/``alert-rules`` import neither torch nor MLflow (they run where the service runs)."""
     code = (
         "import sys; from train.__main__ import main; "
-        f"rc = main(['alert-rules', '--output', {str(tmp_path / 'a.yml')!r}]); "
+        f"rc = main(['alert-rules', '--output', {str(tmp_path / 'a.yml')!r}, "
+        f"'--k8s-output', {str(tmp_path / 'k.yaml')!r}]); "
         "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules, 'heavy import'; "
         "sys.exit(rc)"
     )

@@ -189,9 +189,11 @@ def test_drift_raises_the_alert_and_the_dashboard_shows_it(
     monkeypatch.setenv("FASHION_SERVE_DASHBOARD_PREDICTIONS", str(logs / "predictions.*"))
     monkeypatch.setenv("FASHION_SERVE_DASHBOARD_METRICS", str(metrics_file))
     monkeypatch.setenv("FASHION_SERVE_DASHBOARD_REFERENCE", str(reference_file))
+    monkeypatch.delenv("PROMETHEUS_URL", raising=False)  # its section says so and is skipped
     notebook = _execute("03_monitoring_dashboard.ipynb", tmp_path)
     text, errors = _outputs(notebook)
     assert errors == []
+    assert "PROMETHEUS_URL is not set" in text
     assert f"{NORMAL + DRIFTED} predictions" in text
     assert "FIRING drift: max PSI" in text
     assert "fashion_serve_queue_seconds" in text and "fashion_serve_drift_psi" in text

@@ -99,9 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument(
         "--alerts-config", type=Path, default=None, help="default: configs/alerts.yaml"
     )
-    rules_help = "write configs/alerts.yaml as Prometheus rules"
+    rules_help = "write configs/alerts.yaml as Prometheus rules and as a Kubernetes PrometheusRule"
     rules = sub.add_parser("alert-rules", help=rules_help, description=rules_help)
     rules.add_argument("--output", type=Path, default=Path("deploy/prometheus/alerts.yml"))
+    rules.add_argument("--k8s-output", type=Path, default=Path("deploy/k8s/prometheusrule.yaml"))
     rules.add_argument(
         "--check", action="store_true", help="only compare with --output; exit 1 if it differs"
     )
@@ -115,22 +116,32 @@ def _monitoring(args: argparse.Namespace) -> int:
     """``alerts`` and ``alert-rules``: no training settings, no torch."""
     from common.alerts import load_alert_settings
     from common.settings import SettingsError
-    from train.monitoring import parse_time, render_prometheus_rules, run_alerts
+    from train.monitoring import (
+        parse_time,
+        render_prometheus_rule_manifest,
+        render_prometheus_rules,
+        run_alerts,
+    )
 
     try:
         settings = load_alert_settings(args.alerts_config)
         if args.command == "alert-rules":
-            text = render_prometheus_rules(settings)
-            output = args.output
+            outputs = [
+                (args.output, render_prometheus_rules(settings)),
+                (args.k8s_output, render_prometheus_rule_manifest(settings)),
+            ]
             if args.check:
-                if not output.exists() or output.read_text() != text:
+                stale = [o for o, text in outputs if not o.exists() or o.read_text() != text]
+                for output in stale:
                     print(f"{output} is stale: run python -m train alert-rules", file=sys.stderr)
+                if stale:
                     return 1
-                print(f"{output} matches configs/alerts.yaml")
+                print(" and ".join(str(o) for o, _ in outputs) + " match configs/alerts.yaml")
                 return 0
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text)
-            print(f"wrote {output}")
+            for output, text in outputs:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                output.write_text(text)
+                print(f"wrote {output}")
             return 0
         now = parse_time(args.now) if args.now else None
         results, read = run_alerts(args.logs, args.predictions, args.reference, now, settings)

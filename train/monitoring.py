@@ -230,6 +230,15 @@ def evaluate_alerts(
 # --------------------------------------------------------------------------- Prometheus rules
 
 
+#: The Prometheus alert of each rule of ``configs/alerts.yaml`` (a test keeps them one to one).
+PROMETHEUS_ALERTS = {
+    "error_rate": "FashionServeHighErrorRate",
+    "p99_latency": "FashionServeHighP99Latency",
+    "drift": "FashionServeInputDrift",
+    "no_traffic": "FashionServeNoTraffic",
+}
+
+
 def _selector(settings: AlertSettings, *matchers: str) -> str:
     parts = [m for m in (settings.prometheus.job_selector, *matchers) if m]
     return "{" + ",".join(parts) + "}" if parts else ""
@@ -260,7 +269,7 @@ def prometheus_rules(settings: AlertSettings) -> dict[str, Any]:
 
     def rule(name: str, expr: str, spec: AlertRule) -> dict[str, Any]:
         return {
-            "alert": f"FashionServe{name}",
+            "alert": PROMETHEUS_ALERTS[name],
             "expr": expr,
             "for": spec.for_,
             "labels": {"severity": spec.severity},
@@ -273,13 +282,13 @@ def prometheus_rules(settings: AlertSettings) -> dict[str, Any]:
                 "name": settings.prometheus.group,
                 "rules": [
                     rule(
-                        "HighErrorRate",
+                        "error_rate",
                         f"({error_rate} / {requests}) > {rules.error_rate.threshold:g} "
                         f"and on() ({enough_requests})",
                         rules.error_rate,
                     ),
                     rule(
-                        "HighP99Latency",
+                        "p99_latency",
                         "histogram_quantile(0.99, sum by (le) "
                         f"(rate(fashion_serve_request_seconds_bucket{every}[{window}]))) "
                         f"> {rules.p99_latency.threshold_ms / 1000:g} "
@@ -287,12 +296,12 @@ def prometheus_rules(settings: AlertSettings) -> dict[str, Any]:
                         rules.p99_latency,
                     ),
                     rule(
-                        "InputDrift",
+                        "drift",
                         f"max(fashion_serve_drift_psi{every}) > {rules.drift.psi_threshold:g}",
                         rules.drift,
                     ),
                     rule(
-                        "NoTraffic",
+                        "no_traffic",
                         f"(sum(increase(fashion_serve_requests_total{every}[{quiet}])) or vector(0)) < 1",
                         rules.no_traffic,
                     ),
@@ -306,6 +315,28 @@ def render_prometheus_rules(settings: AlertSettings) -> str:
     """The rules file's text (what ``python -m train alert-rules`` writes)."""
     header = "# Generated from configs/alerts.yaml by `python -m train alert-rules`; do not edit.\n"
     return header + yaml.safe_dump(prometheus_rules(settings), sort_keys=False, width=1000)
+
+
+def prometheus_rule_manifest(settings: AlertSettings) -> dict[str, Any]:
+    """The same rules as a Prometheus Operator ``PrometheusRule`` (``monitoring.coreos.com/v1``)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": settings.prometheus.k8s_name,
+            "labels": dict(settings.prometheus.k8s_labels),
+        },
+        "spec": prometheus_rules(settings),
+    }
+
+
+def render_prometheus_rule_manifest(settings: AlertSettings) -> str:
+    """The PrometheusRule manifest's text (``deploy/k8s/prometheusrule.yaml``)."""
+    header = (
+        "# Generated from configs/alerts.yaml by `python -m train alert-rules`; do not edit.\n"
+        "# Needs the Prometheus Operator's CRDs: kubectl apply -f deploy/k8s/prometheusrule.yaml\n"
+    )
+    return header + yaml.safe_dump(prometheus_rule_manifest(settings), sort_keys=False, width=1000)
 
 
 # --------------------------------------------------------------------------- command helpers
