@@ -47,3 +47,30 @@ def test_sweep_runs_every_trial_within_budget(make_settings: MakeSettings) -> No
     )
     results = run_sweep(settings)
     assert [r[0].lr for r in results] == [0.1, 0.05]
+
+
+def test_trials_are_nested_under_one_parent_run(make_settings: MakeSettings) -> None:
+    settings = make_settings(
+        "sweep.architectures=[simple_cnn]",
+        "sweep.lrs=[0.1,0.05]",
+        "sweep.optimizers=[sgd,adamw]",
+        "sweep.max_runs=3",
+        "sweep.overrides={train.epochs: 1}",
+    )
+    results = run_sweep(settings)
+    assert len(results) == 3
+    parents = {mlflow.get_run(o.run_id).data.tags.get("mlflow.parentRunId") for _, o in results}
+    (parent_id,) = parents
+    assert parent_id is not None
+    parent = mlflow.get_run(parent_id)
+    best = max(results, key=lambda r: r[1].val_accuracy)[1]
+    assert parent.data.tags["sweep_best_run_id"] == best.run_id
+    assert parent.data.metrics["sweep_best_val_accuracy"] == best.val_accuracy
+    assert parent.data.metrics["sweep_trials"] == 3
+    assert parent.data.params["sweep.optimizers"] == "['sgd', 'adamw']"
+    # promote ranks by best_val_accuracy with a model: the parent holds neither.
+    assert "best_val_accuracy" not in parent.data.metrics
+    assert {mlflow.get_run(o.run_id).data.params["train.optimizer"] for _, o in results} == {
+        "sgd",
+        "adamw",
+    }

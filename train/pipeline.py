@@ -113,6 +113,8 @@ def run_fit(
         if payload is not None
         else {"experiment_id": experiment_id, "run_name": run_name}
     )
+    # Under a sweep's parent run, a trial is its child.
+    run_kwargs["nested"] = mlflow.active_run() is not None
     with mlflow.start_run(**run_kwargs) as run:
         run_id = run.info.run_id
         checkpoint_dir = resolve_path(settings.train.checkpoint_dir) / run_id
