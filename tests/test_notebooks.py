@@ -8,6 +8,7 @@ comes from the ``fmnist_dir`` fixture, and ``make_settings`` isolates the enviro
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from nbclient import NotebookClient
 
 from train.config import Settings
 from train.data import FASHION_MNIST_CLASSES
-from train.pipeline import run_fit
+from train.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -140,24 +141,28 @@ def test_model_experiments_notebook_with_runs(
     # That export also makes connect() create the experiment without tracking.store_dir/artifacts,
     # so MLflow falls back to ./mlruns: keep it inside tmp_path, not the checkout.
     monkeypatch.chdir(tmp_path)
-    for architecture in ("simple_cnn", "resnet_small"):
-        settings = make_settings(
-            f"model.name={architecture}",
-            "data.limit_per_class=6",
-            "train.num_threads=1",
-            # torch 2.14.1 CPU corrupted the heap in the backward pass of resnet_small at
-            # width 4 (a 1x1 stride-2 conv with 4 input channels); width 8 trains safely.
-            "model.width=8",
-        )
-        run_fit(settings, run_name=f"tiny-{architecture}")
+    settings = make_settings(
+        "data.limit_per_class=6",
+        "train.num_threads=1",
+        # torch 2.14.1 CPU corrupted the heap in the backward pass of resnet_small at
+        # width 4 (a 1x1 stride-2 conv with 4 input channels); width 8 trains safely.
+        "model.width=8",
+        "sweep.architectures=[simple_cnn,resnet_small]",
+        "sweep.lrs=[0.1]",
+        "sweep.optimizers=[sgd]",
+        "sweep.overrides={}",
+    )
+    run_sweep(settings)  # two trials nested under one parent run
 
     _set_overrides(monkeypatch, *_data_overrides(tmp_path, fmnist_dir))
     notebook = _execute("02_model_experiments.ipynb", tmp_path)
     text, errors = _outputs(notebook)
     assert errors == []
-    assert "2 finished with a logged model" in text
-    for expected in ("tiny-simple_cnn", "tiny-resnet_small", "best_val_accuracy", "latency_ms"):
+    # Three runs: the sweep's parent (no model) and its two trials.
+    assert "3 run(s) in the experiment, 2 finished with a logged model" in text
+    for expected in ("simple_cnn", "resnet_small", "best_val_accuracy", "latency_ms"):
         assert expected in text
     assert "timed 2 of 2 model(s)" in text
     assert "could not time" not in text
-    assert _image_count(notebook) == 1
+    assert re.search(r"sweep [0-9a-f]{8}: 2 trial\(s\) nested under parent run", text)
+    assert _image_count(notebook) == 2  # accuracy against cost, and the sweep
