@@ -26,14 +26,20 @@ import torch
 from mlflow.pyfunc.model import PythonModelContext
 
 from common.model_format import ONNX_FILE
-from common.preprocess import to_model_input
+from common.preprocess import PreprocessSpec, softmax, to_model_input
 from serving.bentoml_bridge import model_store_at
 from tests.conftest import MakeSettings
 from train import tracking
 from train.data import load_data
-from train.export import import_champion
-from train.onnx_pyfunc import OnnxImageClassifier
+from train.export import export_onnx, import_champion, onnx_logits
+from train.onnx_pyfunc import (
+    CLASS_NAMES_ARTIFACT,
+    ONNX_ARTIFACT,
+    PREPROCESS_ARTIFACT,
+    OnnxImageClassifier,
+)
 from train.pipeline import run_fit
+from train.tiny import TINY_CLASSES, tiny_model
 from train.tracking import TrackingError
 
 #: Runs in the fresh interpreter: argv = site-packages, model URI, images .npy, output .json.
@@ -143,3 +149,26 @@ def test_the_pyfunc_names_a_wrong_image_shape() -> None:
     model.preprocess = {"image_size": 28, "channels": 1}
     with pytest.raises(ValueError, match=r"\[N, 28, 28, 1\], got \(2, 28, 28\)"):
         model.predict(cast(PythonModelContext, None), np.zeros((2, 28, 28), np.uint8))
+
+
+def test_the_pyfunc_answers_like_onnx_runtime_on_the_exported_graph(tmp_path: Path) -> None:
+    """In-process (the logged copy of the file runs outside coverage): labels, ids, scores."""
+    spec = PreprocessSpec()
+    onnx_path = export_onnx(tiny_model(), spec, tmp_path / ONNX_ARTIFACT, opset=17)
+    (tmp_path / CLASS_NAMES_ARTIFACT).write_text(json.dumps(TINY_CLASSES))
+    (tmp_path / PREPROCESS_ARTIFACT).write_text(spec.model_dump_json())
+    artifacts = {
+        name: str(tmp_path / name)
+        for name in (ONNX_ARTIFACT, CLASS_NAMES_ARTIFACT, PREPROCESS_ARTIFACT)
+    }
+    context = cast(PythonModelContext, SimpleNamespace(artifacts=artifacts))
+    model = OnnxImageClassifier()
+    model.load_context(context)
+    images = np.random.default_rng(3).integers(0, 256, size=(5, 28, 28, 1), dtype=np.uint8)
+    result = model.predict(context, images)
+    probabilities = softmax(onnx_logits(onnx_path, to_model_input(list(images))))
+    ids = probabilities.argmax(axis=1)
+    assert result["class_id"].tolist() == ids.tolist()
+    assert result["label"].tolist() == [TINY_CLASSES[i] for i in ids]
+    np.testing.assert_allclose(np.stack(result["scores"].tolist()), probabilities, atol=1e-6)
+    np.testing.assert_allclose(result["confidence"], probabilities.max(axis=1), atol=1e-6)
