@@ -23,6 +23,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc.model import PythonModelContext
 
 from common.model_format import ONNX_FILE
@@ -100,6 +101,11 @@ def test_registered_model_loads_anywhere_and_import_serves_its_onnx(
     )
     result = json.loads((elsewhere / "result.json").read_text())
     assert result == {"labels": expected, "torch": False}
+    # The signature refuses what the model cannot take: model input (float32 NCHW), wrong size.
+    pyfunc = mlflow.pyfunc.load_model(outcome.model_uri)
+    for wrong in (to_model_input(list(images)), images[:, :20]):
+        with pytest.raises(MlflowException, match="Failed to enforce schema"):
+            pyfunc.predict(wrong)
 
     with model_store_at(tmp_path / "bento"):
         tag = import_champion(settings)
