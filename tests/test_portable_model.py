@@ -30,9 +30,9 @@ from common.model_format import ONNX_FILE
 from common.preprocess import PreprocessSpec, softmax, to_model_input
 from serving.bentoml_bridge import model_store_at
 from tests.conftest import MakeSettings
-from train import tracking
+from train import export, tracking
 from train.data import load_data
-from train.export import export_onnx, import_champion, onnx_logits
+from train.export import ExportError, export_onnx, import_champion, onnx_logits
 from train.onnx_pyfunc import (
     CLASS_NAMES_ARTIFACT,
     ONNX_ARTIFACT,
@@ -178,3 +178,24 @@ def test_the_pyfunc_answers_like_onnx_runtime_on_the_exported_graph(tmp_path: Pa
     assert result["label"].tolist() == [TINY_CLASSES[i] for i in ids]
     np.testing.assert_allclose(np.stack(result["scores"].tolist()), probabilities, atol=1e-6)
     np.testing.assert_allclose(result["confidence"], probabilities.max(axis=1), atol=1e-6)
+
+
+def test_a_model_that_does_not_export_keeps_its_run_with_the_torch_model(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings()
+    experiment = tracking.connect(settings.tracking)
+
+    def refuse(*args: Any, **kwargs: Any) -> Path:
+        raise ExportError("ONNX export (opset 17) failed: unsupported operator")
+
+    monkeypatch.setattr(export, "export_onnx", refuse)
+    with mlflow.start_run(experiment_id=experiment) as run:
+        images = np.zeros((2, 28, 28, 1), np.uint8)
+        uri = tracking.log_model(
+            tiny_model(), TINY_CLASSES, PreprocessSpec(), images, torch.__version__, settings.export
+        )
+    tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
+    assert uri == tags[tracking.MODEL_URI_TAG] == tags[tracking.TORCH_MODEL_URI_TAG]
+    assert "unsupported operator" in tags[tracking.ONNX_ERROR_TAG]
+    assert isinstance(tracking.load_torch_model(uri), torch.nn.Module)

@@ -18,6 +18,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import onnxruntime as ort
+from loguru import logger
 from matplotlib.figure import Figure
 from mlflow.entities import Run
 from mlflow.models import ModelSignature, infer_signature
@@ -36,6 +37,8 @@ MODEL_ARTIFACT_NAME = "model"
 #: The torch module beside it, for ``evaluate`` and the parity check at ``import``.
 TORCH_MODEL_ARTIFACT_NAME = "torch_model"
 TORCH_MODEL_URI_TAG = "torch_model_uri"
+#: Set instead of an ONNX pyfunc when the model did not export (or failed parity) at fit time.
+ONNX_ERROR_TAG = "onnx_export_error"
 #: Key of the pyfunc's metadata that holds the torch model's URI.
 TORCH_MODEL_KEY = "torch_model"
 
@@ -217,7 +220,7 @@ def log_model(
         torch_version: Pinned in the torch model's requirements.
         export_cfg: ONNX opset and parity tolerance.
     """
-    from train.export import check_parity, export_onnx, file_sha256
+    from train.export import ExportError, check_parity, export_onnx, file_sha256
 
     model.eval()
     import torch
@@ -237,8 +240,21 @@ def log_model(
     )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        onnx_path = export_onnx(model, spec, folder / ONNX_ARTIFACT, export_cfg.opset)
-        diff = check_parity(model, onnx_path, batch, export_cfg.parity_atol)
+        try:
+            onnx_path = export_onnx(model, spec, folder / ONNX_ARTIFACT, export_cfg.opset)
+            diff = check_parity(model, onnx_path, batch, export_cfg.parity_atol)
+        except ExportError as exc:
+            # The trained run is kept: its torch model is registered instead, and `import`
+            # (which exports again) says what is wrong with it.
+            logger.warning("no ONNX pyfunc, the torch model is the run's model: {}", exc)
+            mlflow.set_tags(
+                {
+                    MODEL_URI_TAG: torch_info.model_uri,
+                    TORCH_MODEL_URI_TAG: torch_info.model_uri,
+                    ONNX_ERROR_TAG: str(exc)[:500],
+                }
+            )
+            return str(torch_info.model_uri)
         files = {
             ONNX_ARTIFACT: onnx_path,
             CLASS_NAMES_ARTIFACT: _write_json(folder / CLASS_NAMES_ARTIFACT, classes),
