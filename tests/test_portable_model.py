@@ -31,6 +31,7 @@ from common.preprocess import PreprocessSpec, softmax, to_model_input
 from serving.bentoml_bridge import model_store_at
 from tests.conftest import MakeSettings
 from train import export, tracking
+from train.config import Settings
 from train.data import load_data
 from train.export import ExportError, export_onnx, import_champion, onnx_logits
 from train.onnx_pyfunc import (
@@ -120,11 +121,8 @@ def test_registered_model_loads_anywhere_and_import_serves_its_onnx(
     assert logged["onnx"]["sha256"] == sha256(served)
 
 
-def test_a_model_logged_before_the_pyfunc_is_still_evaluated_and_imported(
-    make_settings: MakeSettings, tmp_path: Path
-) -> None:
-    """A registered ``pytorch`` model (the earlier format) loads for torch and is exported."""
-    settings = make_settings("export.parity_batch=8")
+def register_torch_champion(settings: Settings) -> str:
+    """A small ``pytorch``-flavoured model (the earlier format) as ``@champion``; its URI."""
     experiment = tracking.connect(settings.tracking)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 3)).eval()
     metadata = {"class_names": ["a", "b", "c"], "preprocess": {}}
@@ -135,8 +133,17 @@ def test_a_model_logged_before_the_pyfunc_is_still_evaluated_and_imported(
     name = settings.tracking.registered_model_name
     version = mlflow.register_model(info.model_uri, name).version
     mlflow.MlflowClient().set_registered_model_alias(name, "champion", version)
-    assert isinstance(tracking.load_torch_model(info.model_uri), torch.nn.Sequential)
-    assert tracking.download_onnx(info.model_uri, tmp_path) is None
+    return str(info.model_uri)
+
+
+def test_a_model_logged_before_the_pyfunc_is_still_evaluated_and_imported(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    """A registered ``pytorch`` model (the earlier format) loads for torch and is exported."""
+    settings = make_settings("export.parity_batch=8")
+    uri = register_torch_champion(settings)
+    assert isinstance(tracking.load_torch_model(uri), torch.nn.Sequential)
+    assert tracking.download_onnx(uri, tmp_path) is None
     with model_store_at(tmp_path / "bento"):
         tag = import_champion(settings)
         stored: dict[str, Any] = dict(bentoml.models.get(tag).info.metadata)
@@ -199,3 +206,26 @@ def test_a_model_that_does_not_export_keeps_its_run_with_the_torch_model(
     assert uri == tags[tracking.MODEL_URI_TAG] == tags[tracking.TORCH_MODEL_URI_TAG]
     assert "unsupported operator" in tags[tracking.ONNX_ERROR_TAG]
     assert isinstance(tracking.load_torch_model(uri), torch.nn.Module)
+
+
+def test_import_names_a_registry_model_it_cannot_load_or_download(
+    make_settings: MakeSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings("export.parity_batch=8")
+    register_torch_champion(settings)
+
+    def no_torch_model(uri: str) -> torch.nn.Module:
+        raise TrackingError(f"{uri} names no torch model (torch_model metadata)")
+
+    def no_download(uri: str, folder: Path) -> Path:
+        raise MlflowException("artifact store unreachable")
+
+    with model_store_at(tmp_path / "bento"):
+        with monkeypatch.context() as patch:
+            patch.setattr(tracking, "load_torch_model", no_torch_model)
+            with pytest.raises(ExportError, match=r"cannot load .* names no torch model"):
+                import_champion(settings)
+        monkeypatch.setattr(tracking, "download_onnx", no_download)
+        with pytest.raises(ExportError, match=r"cannot download the ONNX graph .* unreachable"):
+            import_champion(settings)
+    assert not list((tmp_path / "bento").rglob(ONNX_FILE))  # nothing was imported
