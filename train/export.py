@@ -1,8 +1,10 @@
 """Import a registered model into the BentoML store: ONNX export, parity check, lineage.
 
-``python -m train import`` resolves the champion in the MLflow registry, exports it to ONNX (the
-TorchScript exporter, ``dynamo=False``, dynamic batch axis), checks that ONNX Runtime agrees with
-torch on a real batch, and only then creates a BentoML model holding ``model.onnx``, the class
+``python -m train import`` resolves the champion in the MLflow registry, takes the ONNX graph of
+its pyfunc (:mod:`train.onnx_pyfunc`, exported at ``fit`` by :func:`export_onnx`: the TorchScript
+exporter, ``dynamo=False``, dynamic batch axis; a ``pytorch`` model logged before that is exported
+here), checks that ONNX Runtime agrees with torch on a real batch, and only then creates a
+BentoML model holding that very ``model.onnx`` (its SHA-256 in the metadata), the class
 names, the preprocessing spec and the lineage (registered name, version, run id, the run's
 metrics, and the git commit: the run's ``mlflow.source.git.commit`` tag, else ``git rev-parse
 HEAD``).
