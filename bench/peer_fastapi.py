@@ -2,7 +2,8 @@
 
 Same endpoints and JSON as ``service.py`` (``POST /predict`` with file field ``image``,
 ``POST /batch_predict`` with repeated ``images``, ``GET /readyz``), the same registered model,
-loaded from MLflow with ``mlflow.pytorch.load_model``, and the project's own decoding and
+loaded from MLflow (the torch module logged beside the registered ONNX pyfunc,
+``train.tracking.load_torch_model``), and the project's own decoding and
 preprocessing (``common.preprocess``), so the comparison isolates the serving design: one model
 call per request, no adaptive batching, FastAPI's multipart parsing, torch instead of ONNX Runtime.
 
@@ -48,8 +49,10 @@ def load() -> tuple[torch.nn.Module, list[str], preprocess.PreprocessSpec]:
     if uri:
         import mlflow
 
+        from train.tracking import load_torch_model
+
         metadata: dict[str, Any] = mlflow.models.get_model_info(uri).metadata or {}
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        model = load_torch_model(uri)
     else:
         model = torch.load(os.environ["FASHION_PEER_TORCH_FILE"], weights_only=False)
         metadata = json.loads(Path(os.environ["FASHION_PEER_META"]).read_text())

@@ -150,7 +150,7 @@ def prepare_model(options: Options, workdir: Path) -> ModelFiles:
 
 
 def champion_module(module_path: Path) -> tuple[str, str]:
-    """Load the registry's champion with ``mlflow.pytorch`` and ``torch.save`` it.
+    """Load the torch module of the registry's champion and ``torch.save`` it.
 
     Returns:
         The model URI and its registered version.
@@ -161,7 +161,7 @@ def champion_module(module_path: Path) -> tuple[str, str]:
     from mlflow.tracking import MlflowClient
 
     from train.config import load_settings
-    from train.tracking import connect
+    from train.tracking import TrackingError, connect, load_torch_model
 
     settings = load_settings()
     connect(settings.tracking)
@@ -170,9 +170,11 @@ def champion_module(module_path: Path) -> tuple[str, str]:
     uri = f"models:/{name}@{alias}"
     try:
         version = str(MlflowClient().get_model_version_by_alias(name, alias).version)
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        model = load_torch_model(uri)
     except MlflowException as exc:
         raise BenchError(f"cannot load {uri} from MLflow ({exc.message}); run `make run`") from exc
+    except TrackingError as exc:
+        raise BenchError(f"cannot load {uri} from MLflow ({exc}); run `make run`") from exc
     torch.save(model.eval(), module_path)
     # The peer process reads the same store through this variable.
     os.environ["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()

@@ -53,9 +53,14 @@ def tiny_model(seed: int = 0) -> nn.Module:
     return build_model(ModelConfig(name="resnet_small", width=4), SPEC, num_classes=len(CLASSES))
 
 
-def pixel_batch(count: int = 8, seed: int = 0) -> NDArray[np.float32]:
+def pixel_images(count: int = 8, seed: int = 0) -> NDArray[np.uint8]:
+    """Random ``uint8 [N, 28, 28, 1]`` images."""
     rng = np.random.default_rng(seed)
-    return to_model_input(list(rng.integers(0, 256, size=(count, 28, 28, 1), dtype=np.uint8)))
+    return rng.integers(0, 256, size=(count, 28, 28, 1), dtype=np.uint8)
+
+
+def pixel_batch(count: int = 8, seed: int = 0) -> NDArray[np.float32]:
+    return to_model_input(list(pixel_images(count, seed)))
 
 
 def stored_models(home: Path) -> list[bentoml.Model]:
@@ -260,7 +265,9 @@ def test_import_champion_from_the_registry(make_settings: MakeSettings, tmp_path
     model = tiny_model()
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_metric("val_accuracy", 0.93)
-        uri = tracking.log_model(model, CLASSES, SPEC, pixel_batch(2), torch.__version__)
+        uri = tracking.log_model(
+            model, CLASSES, SPEC, pixel_images(2), torch.__version__, settings.export
+        )
     name = settings.tracking.registered_model_name
     version = mlflow.register_model(uri, name).version
     MlflowClient().set_registered_model_alias(name, settings.registry.champion_alias, version)

@@ -21,7 +21,7 @@ from train.config import Settings
 from train.data import DataError
 from train.device import resolve_placement
 from train.engine import CheckpointError
-from train.models import ModelError
+from train.models import Classifier, ModelError
 from train.pipeline import latest_checkpoint, run_data, run_evaluate, run_fit, spec_from_metadata
 from train.tracking import TrackingError
 
@@ -62,7 +62,7 @@ def test_fit_logs_metrics_artifacts_and_model(make_settings: MakeSettings) -> No
     assert set(report) >= {"T-shirt/top", "Ankle boot", "macro avg"}
     classes, spec = spec_from_metadata(mlflow.models.get_model_info(outcome.model_uri).metadata)
     assert len(classes) == 10 and spec.image_size == 28 and spec.channels == 1
-    model = mlflow.pytorch.load_model(outcome.model_uri)
+    model = tracking.load_torch_model(outcome.model_uri)
     out = model(__import__("torch").zeros(3, 1, 28, 28))
     assert tuple(out.shape) == (3, 10)
     metrics = run_evaluate(settings, outcome.model_uri)
@@ -84,7 +84,8 @@ def test_fit_on_an_image_folder(make_settings: MakeSettings, image_folder: Path)
     # An image folder trains without flips by default, hence without flip TTA.
     params = MlflowClient().get_run(outcome.run_id).data.params
     assert (params["data.augmentation"], params["flip_tta"]) == ("none", "false")
-    assert mlflow.pytorch.load_model(outcome.model_uri).flip_tta is False
+    model = tracking.load_torch_model(outcome.model_uri)
+    assert isinstance(model, Classifier) and model.flip_tta is False
     assert classes == sorted(classes) and len(classes) >= 2
 
 

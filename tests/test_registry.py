@@ -36,8 +36,9 @@ def _logged_run(settings: Settings, metric: float, width: int, finished: bool = 
         model,
         ["a", "b", "c"],
         PreprocessSpec(),
-        np.zeros((1, 1, 28, 28), np.float32),
+        np.zeros((1, 28, 28, 1), np.uint8),
         torch.__version__,
+        settings.export,
     )
     mlflow.end_run(status="FINISHED" if finished else "FAILED")
     return str(run.info.run_id)

@@ -32,8 +32,10 @@ def logged_run(settings: Settings, metric: float, model: torch.nn.Module) -> str
     experiment_id = tracking.connect(settings.tracking)
     with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_metrics({"best_val_accuracy": metric, "parameters": 1000.0})
-        example = np.zeros((1, 1, 28, 28), np.float32)
-        tracking.log_model(model, TINY_CLASSES, TINY_SPEC, example, torch.__version__)
+        example = np.zeros((1, 28, 28, 1), np.uint8)
+        tracking.log_model(
+            model, TINY_CLASSES, TINY_SPEC, example, torch.__version__, settings.export
+        )
     return str(run.info.run_id)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+import mlflow
 import numpy as np
 import pytest
 import yaml
@@ -164,6 +165,13 @@ def test_user_guide_end_to_end(
     registered = {m.name for m in MlflowClient().search_registered_models()}
     assert registered == {"shapes-classifier"}
 
+    # The guide's registry block: the registered pyfunc predicts from the store's URI alone.
+    [registry_code] = [b for b in guide_blocks("python") if "mlflow.pyfunc" in b]
+    registry_env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    lines = run_ok([sys.executable, "-c", registry_code], registry_env).stdout.splitlines()
+    assert lines[0].split() == ["label", "confidence"] and len(lines) == 3
+    assert all(line.split()[0] in SHAPES for line in lines[1:])
+
     # make serve → bentoml serve with the guide's environment; then the guide's curl and Python.
     [serve] = [w for w in commands if w[-2:] == ["make", "serve"]]
     serve_env, _ = split_env(serve)
@@ -185,7 +193,7 @@ def test_user_guide_end_to_end(
             assert len(answers) == (1 if words[-1].endswith("/predict") else 2)
             for answer in answers:
                 assert answer["label"] in SHAPES and list(answer["scores"]) == SHAPES
-        [client_code] = guide_blocks("python")
+        [client_code] = [b for b in guide_blocks("python") if "SyncHTTPClient" in b]
         result = run_ok([sys.executable, "-c", client_code.replace(GUIDE_URL, url)], env)
         label, confidence, *_ = result.stdout.split()
         assert label in SHAPES and 0.0 < float(confidence) <= 1.0

@@ -1,8 +1,10 @@
 """Import a registered model into the BentoML store: ONNX export, parity check, lineage.
 
-``python -m train import`` resolves the champion in the MLflow registry, exports it to ONNX (the
-TorchScript exporter, ``dynamo=False``, dynamic batch axis), checks that ONNX Runtime agrees with
-torch on a real batch, and only then creates a BentoML model holding ``model.onnx``, the class
+``python -m train import`` resolves the champion in the MLflow registry, takes the ONNX graph of
+its pyfunc (:mod:`train.onnx_pyfunc`, exported at ``fit`` by :func:`export_onnx`: the TorchScript
+exporter, ``dynamo=False``, dynamic batch axis; a ``pytorch`` model logged before that is exported
+here), checks that ONNX Runtime agrees with torch on a real batch, and only then creates a
+BentoML model holding that very ``model.onnx`` (its SHA-256 in the metadata), the class
 names, the preprocessing spec and the lineage (registered name, version, run id, the run's
 metrics, and the git commit: the run's ``mlflow.source.git.commit`` tag, else ``git rev-parse
 HEAD``).
@@ -25,6 +27,7 @@ The store is the one BentoML resolves itself (public API only): ``$BENTOML_HOME/
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import shutil
@@ -108,6 +111,15 @@ def export_onnx(model: nn.Module, spec: PreprocessSpec, path: Path, opset: int) 
     except Exception as exc:
         raise ExportError(f"ONNX export (opset {opset}) failed: {exc}") from exc
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (how the registry's and the served ONNX are compared)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def onnx_logits(onnx_path: Path, batch: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -296,8 +308,11 @@ def import_to_bento(
     parity_batch: NDArray[np.float32],
     cfg: ExportConfig,
     reference_data: ReferenceData | None = None,
+    registry_onnx: Path | None = None,
 ) -> bentoml.Tag:
-    """Export ``model``, check parity and save it as a BentoML model (once per registered version).
+    """Export ``model`` (or take the registry's graph), check parity, save it as a BentoML model.
+
+    Once per registered version.
 
     Args:
         model: The torch classifier (raw 0..255 pixels in, logits out).
@@ -309,6 +324,9 @@ def import_to_bento(
         cfg: The export section of the settings.
         reference_data: Validation images for the monitoring reference (``reference.json``);
             without them the model is stored without one.
+        registry_onnx: The ONNX graph logged with the registered model (the ONNX pyfunc): it is
+            checked against ``model`` and stored as it is, so the registry holds the very bytes
+            that are served. Without it, ``model`` is exported here.
 
     Returns:
         The tag of the new model; of the stored one when it already is the alias's newest entry
@@ -326,7 +344,7 @@ def import_to_bento(
     if existing is not None:
         return existing
     with tempfile.TemporaryDirectory(prefix="fashion-export-") as tmp:
-        onnx_path = export_onnx(model, spec, Path(tmp) / ONNX_FILE, cfg.opset)
+        onnx_path = registry_onnx or export_onnx(model, spec, Path(tmp) / ONNX_FILE, cfg.opset)
         diff = check_parity(model, onnx_path, parity_batch, cfg.parity_atol)
         reference = (
             None
@@ -348,6 +366,8 @@ def import_to_bento(
                 "opset": cfg.opset,
                 "parity_max_abs_diff": diff,
                 "parity_images": int(parity_batch.shape[0]),
+                "sha256": file_sha256(onnx_path),
+                "source": "registry" if registry_onnx else "exported at import",
             },
         }
         metadata[BATCH_PROFILE] = profile
@@ -532,7 +552,7 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from train.tracking import connect
+    from train.tracking import TrackingError, connect, download_onnx, load_torch_model
 
     connect(settings.tracking)
     uri = model_uri or (
@@ -546,9 +566,11 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
     try:
         model_version = client.get_model_version(name, version)
         info = mlflow.models.get_model_info(uri)
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        model = load_torch_model(uri)
     except MlflowException as exc:
         raise ExportError(f"cannot load {uri}: {exc.message}") from exc
+    except TrackingError as exc:
+        raise ExportError(f"cannot load {uri}: {exc}") from exc
     metadata = info.metadata or {}
     if "class_names" not in metadata or "preprocess" not in metadata:
         raise ExportError(
@@ -568,12 +590,20 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
         or git_commit(),
         "torch_version": str(torch.__version__),
     }
-    return import_to_bento(
-        model,
-        list(metadata["class_names"]),
-        spec,
-        lineage,
-        parity_input(settings, spec, len(metadata["class_names"])),
-        settings.export,
-        reference_input(settings, spec, len(metadata["class_names"])),
-    )
+    with tempfile.TemporaryDirectory(prefix="fashion-registry-") as tmp:
+        try:
+            registry_onnx = download_onnx(uri, Path(tmp))
+        except MlflowException as exc:
+            raise ExportError(f"cannot download the ONNX graph of {uri}: {exc.message}") from exc
+        if registry_onnx is None:
+            logger.info("{} has no ONNX graph (logged before the ONNX pyfunc): exporting", uri)
+        return import_to_bento(
+            model,
+            list(metadata["class_names"]),
+            spec,
+            lineage,
+            parity_input(settings, spec, len(metadata["class_names"])),
+            settings.export,
+            reference_input(settings, spec, len(metadata["class_names"])),
+            registry_onnx,
+        )

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from loguru import logger
 
-from common.preprocess import PreprocessSpec, to_model_input
+from common.preprocess import PreprocessSpec
 from train import tracking
 from train.config import Settings, resolve_path
 from train.data import (
@@ -167,7 +167,12 @@ def run_fit(
         )
         mlflow.set_tag("stopped_early", str(state.stopped_early))
         model_uri = tracking.log_model(
-            model.eval(), bundle.classes, bundle.spec, _example(bundle), torch.__version__
+            model.eval(),
+            bundle.classes,
+            bundle.spec,
+            bundle.val.images[:2],
+            torch.__version__,
+            settings.export,
         )
     logger.info(
         "run {} done: best val_accuracy={:.4f}, test_accuracy={:.4f}, model {}",
@@ -191,10 +196,6 @@ def model_and_augmentation(
         settings.model, bundle.spec, len(bundle.classes), trained_with_flips=preset.hflip
     )
     return model, preset
-
-
-def _example(bundle: DataBundle) -> np.ndarray:
-    return to_model_input(list(bundle.val.images[:2]))
 
 
 def _log_run_start(
@@ -278,7 +279,7 @@ def run_evaluate(settings: Settings, model_uri: str) -> dict[str, float]:
     device = resolve_device(settings.train.device)
     tracking.connect(settings.tracking)
     bundle = load_data(settings.data)
-    model = mlflow.pytorch.load_model(model_uri, map_location="cpu").to(device)
+    model = tracking.load_torch_model(model_uri).to(device)
     images, labels = to_tensors(bundle.test)
     result = evaluate(model, images, labels, settings.train.eval_batch_size, device=device)
     return {"test_accuracy": result.accuracy, "test_loss": result.loss}

@@ -1,4 +1,4 @@
-"""MLflow run lifecycle: connect, start or resume a run, log params, metrics, plots and the model.
+"""MLflow run lifecycle: connect, start or resume a run, log params, metrics, plots and the models.
 
 The embedded default is a sqlite store with an artifact folder inside the project, so nothing has
 to be started; ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` selects a server instead.
@@ -17,16 +17,30 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import onnxruntime as ort
+from loguru import logger
 from matplotlib.figure import Figure
 from mlflow.entities import Run
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.types.schema import Array, ColSpec, DataType, Schema, TensorSpec
+from numpy.typing import NDArray
 from torch import nn
 
-from common.preprocess import PreprocessSpec
-from train.config import TrackingConfig, resolve_path
+from common.preprocess import PreprocessSpec, to_model_input
+from train import onnx_pyfunc
+from train.config import ExportConfig, TrackingConfig, resolve_path
+from train.onnx_pyfunc import CLASS_NAMES_ARTIFACT, ONNX_ARTIFACT, PREPROCESS_ARTIFACT
 
 MODEL_URI_TAG = "model_uri"
+#: The registered model: the ONNX pyfunc (:mod:`train.onnx_pyfunc`).
 MODEL_ARTIFACT_NAME = "model"
+#: The torch module beside it, for ``evaluate`` and the parity check at ``import``.
+TORCH_MODEL_ARTIFACT_NAME = "torch_model"
+TORCH_MODEL_URI_TAG = "torch_model_uri"
+#: Set instead of an ONNX pyfunc when the model did not export (or failed parity) at fit time.
+ONNX_ERROR_TAG = "onnx_export_error"
+#: Key of the pyfunc's metadata that holds the torch model's URI.
+TORCH_MODEL_KEY = "torch_model"
 
 
 class TrackingError(RuntimeError):
@@ -186,36 +200,150 @@ def log_model(
     model: nn.Module,
     classes: list[str],
     spec: PreprocessSpec,
-    example: np.ndarray,
+    images: NDArray[np.uint8],
     torch_version: str,
+    export_cfg: ExportConfig,
 ) -> str:
-    """Log the model (MLflow 3 ``name=`` form) with signature, example and metadata; return its URI."""
+    """Log the portable ONNX pyfunc (``model``) and the torch module (``torch_model``); the URI.
+
+    ``model`` is what gets registered and served: the ONNX graph exported here (parity-checked
+    against torch on ``images``), run by :mod:`train.onnx_pyfunc` without this project or torch.
+    ``torch_model`` (pickle: loading it needs this project's ``train`` package) is what
+    ``evaluate`` and ``import`` load (:func:`load_torch_model`); ``model``'s metadata names it.
+
+    Args:
+        model: The trained classifier (switched to eval mode, on the CPU).
+        classes: Class names in logit order.
+        spec: The preprocessing spec the model was trained with.
+        images: A few example images, ``uint8 [N, H, W, C]`` at the model's size: the input
+            example and the fit-time parity batch.
+        torch_version: Pinned in the torch model's requirements.
+        export_cfg: ONNX opset and parity tolerance.
+    """
+    from train.export import ExportError, check_parity, export_onnx, file_sha256
+
     model.eval()
     import torch
 
+    batch = to_model_input(list(images))
     with torch.inference_mode():
-        output = model(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
+        logits = model(torch.from_numpy(batch)).numpy()
+    metadata: dict[str, Any] = {"class_names": classes, "preprocess": spec.model_dump(mode="json")}
+    torch_info = mlflow.pytorch.log_model(
         pytorch_model=model,
-        name=MODEL_ARTIFACT_NAME,
-        # pickle keeps a plain nn.Module (pt2 loads as an ExportedProgram, no .eval()/ONNX path);
-        # loading needs this project's `train` package, which every consumer here has.
+        name=TORCH_MODEL_ARTIFACT_NAME,
+        # pickle keeps a plain nn.Module (pt2 loads as an ExportedProgram, no .eval()/ONNX path).
         serialization_format="pickle",
-        signature=infer_signature(example, output),
-        input_example=example,
+        signature=infer_signature(batch, logits),
         pip_requirements=[f"torch=={torch_version.split('+')[0]}", "timm", "numpy"],
-        metadata={"class_names": classes, "preprocess": spec.model_dump(mode="json")},
+        metadata=metadata,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        for name, content in (
-            ("class_names.json", classes),
-            ("preprocess.json", spec.model_dump(mode="json")),
-        ):
-            file = Path(tmp) / name
-            file.write_text(json.dumps(content, indent=2))
-            mlflow.log_artifact(str(file), artifact_path="model_metadata")
-    mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+        folder = Path(tmp)
+        try:
+            onnx_path = export_onnx(model, spec, folder / ONNX_ARTIFACT, export_cfg.opset)
+            diff = check_parity(model, onnx_path, batch, export_cfg.parity_atol)
+        except ExportError as exc:
+            # The trained run is kept: its torch model is registered instead, and `import`
+            # (which exports again) says what is wrong with it.
+            logger.warning("no ONNX pyfunc, the torch model is the run's model: {}", exc)
+            mlflow.set_tags(
+                {
+                    MODEL_URI_TAG: torch_info.model_uri,
+                    TORCH_MODEL_URI_TAG: torch_info.model_uri,
+                    ONNX_ERROR_TAG: str(exc)[:500],
+                }
+            )
+            return str(torch_info.model_uri)
+        files = {
+            ONNX_ARTIFACT: onnx_path,
+            CLASS_NAMES_ARTIFACT: _write_json(folder / CLASS_NAMES_ARTIFACT, classes),
+            PREPROCESS_ARTIFACT: _write_json(
+                folder / PREPROCESS_ARTIFACT, spec.model_dump(mode="json")
+            ),
+        }
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT_NAME,
+            python_model=onnx_pyfunc.__file__,  # model from code: no pickle of project classes
+            artifacts={key: str(path) for key, path in files.items()},
+            signature=pyfunc_signature(spec),
+            input_example=images,
+            pip_requirements=[
+                f"onnxruntime=={ort.__version__}",
+                f"mlflow=={mlflow.__version__}",
+                "numpy",
+                "pandas",
+            ],
+            metadata={
+                **metadata,
+                TORCH_MODEL_KEY: torch_info.model_uri,
+                "onnx": {
+                    "file": ONNX_ARTIFACT,
+                    "sha256": file_sha256(onnx_path),
+                    "opset": export_cfg.opset,
+                    "parity_max_abs_diff": diff,
+                    "parity_images": len(images),
+                },
+            },
+        )
+        for name in (CLASS_NAMES_ARTIFACT, PREPROCESS_ARTIFACT):
+            mlflow.log_artifact(str(files[name]), artifact_path="model_metadata")
+    mlflow.set_tags({MODEL_URI_TAG: info.model_uri, TORCH_MODEL_URI_TAG: torch_info.model_uri})
     return str(info.model_uri)
+
+
+def pyfunc_signature(spec: PreprocessSpec) -> ModelSignature:
+    """``uint8 [N, H, W, C]`` images in; label, class id, confidence and scores out."""
+    side = spec.image_size
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, side, side, spec.channels))]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "label"),
+                ColSpec(DataType.long, "class_id"),
+                ColSpec(DataType.double, "confidence"),
+                ColSpec(Array(DataType.double), "scores"),
+            ]
+        ),
+    )
+
+
+def _write_json(path: Path, content: Any) -> Path:
+    path.write_text(json.dumps(content, indent=2))
+    return path
+
+
+def load_torch_model(model_uri: str) -> nn.Module:
+    """The torch module behind a logged or registered model, on the CPU.
+
+    The model at ``model_uri`` is either this project's ONNX pyfunc (its metadata names the torch
+    model logged beside it) or, for runs logged before it, a ``pytorch`` model itself.
+
+    Raises:
+        TrackingError: the model is neither (it names no torch model).
+        mlflow.exceptions.MlflowException: the URI or the torch model cannot be loaded.
+    """
+    info = mlflow.models.get_model_info(model_uri)
+    if "pytorch" in info.flavors:
+        source = model_uri
+    else:
+        source = str((info.metadata or {}).get(TORCH_MODEL_KEY) or "")
+        if not source:
+            raise TrackingError(f"{model_uri} names no torch model ({TORCH_MODEL_KEY} metadata)")
+    module: nn.Module = mlflow.pytorch.load_model(source, map_location="cpu")
+    return module
+
+
+def download_onnx(model_uri: str, folder: Path) -> Path | None:
+    """Download the ONNX graph of an ONNX pyfunc model into ``folder``; None for other models."""
+    info = mlflow.models.get_model_info(model_uri)
+    artifacts: dict[str, dict[str, str]] = info.flavors.get("python_function", {}).get(
+        "artifacts", {}
+    )
+    if ONNX_ARTIFACT not in artifacts:
+        return None
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(folder))
+    return Path(local) / artifacts[ONNX_ARTIFACT]["path"]
 
 
 def artifact_dir(cfg: TrackingConfig) -> Path:
