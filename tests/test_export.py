@@ -161,6 +161,19 @@ def test_importing_the_alias_current_version_again_keeps_one_model(store: Path) 
     assert len(stored_models(store)) == 2
 
 
+def test_the_same_version_from_another_run_is_a_new_model(store: Path) -> None:
+    """Another MLflow store numbers its versions from 1 again: version 7 of run xyz is not abc's."""
+    cfg = ExportConfig()
+    first = import_to_bento(tiny_model(), CLASSES, SPEC, LINEAGE, pixel_batch(), cfg)
+    other = import_to_bento(
+        tiny_model(seed=5), CLASSES, SPEC, {**LINEAGE, "run_id": "xyz789"}, pixel_batch(), cfg
+    )
+    assert other != first and len(stored_models(store)) == 2
+    assert choose_served(stored_models(store), "fashion-classifier", "champion") == str(other)
+    served = {str(m.tag): m for m in stored_models(store)}[str(other)]
+    assert served.info.labels["run_id"] == "xyz789"
+
+
 def test_rolling_back_saves_a_fresh_copy_that_becomes_the_served_entry(store: Path) -> None:
     """v7, then v8, then v7 again through @champion: a new entry of v7, newest of the alias."""
     cfg = ExportConfig()

@@ -243,19 +243,23 @@ def reimport(stored: bentoml.Model, alias: str | None, cfg: ExportConfig) -> ben
 
 
 def reuse_or_copy(
-    name: str, version: str, alias: str | None, cfg: ExportConfig
+    name: str, version: str, run_id: str, alias: str | None, cfg: ExportConfig
 ) -> bentoml.Tag | None:
     """The entry to serve for an import that needs no export: reused, or a fresh copy; else None.
 
-    With ``alias``, an entry of this version is reused only when it is the alias's newest
-    (reusing an older one would leave another version served); otherwise the newest entry of
-    this version is copied under the alias. Without, any entry of this version is reused.
+    An entry is this model only when name, version and run all match: another MLflow store (a
+    fresh checkout, a reset registry) numbers its own versions from 1 again. With ``alias``, an
+    entry is reused only when it is the alias's newest (reusing an older one would leave another
+    version served); otherwise the newest entry of this model is copied under the alias. Without,
+    any entry of this model is reused.
     """
     entries = store_entries(cfg.bento_model_name)
     same = [
         m
         for m in entries
-        if m.info.labels.get(LABEL_NAME) == name and m.info.labels.get(LABEL_VERSION) == version
+        if m.info.labels.get(LABEL_NAME) == name
+        and m.info.labels.get(LABEL_VERSION) == version
+        and m.info.labels.get(LABEL_RUN) == run_id
     ]
     if not same:
         return None
@@ -340,7 +344,7 @@ def import_to_bento(
         raise ExportError(f"lineage lacks {', '.join(missing)}")
     name, version = str(lineage["registered_name"]), str(lineage["version"])
     alias = str(lineage["alias"]) if lineage.get("alias") else None
-    existing = reuse_or_copy(name, version, alias, cfg)
+    existing = reuse_or_copy(name, version, str(lineage.get("run_id") or ""), alias, cfg)
     if existing is not None:
         return existing
     with tempfile.TemporaryDirectory(prefix="fashion-export-") as tmp:
@@ -559,9 +563,6 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
         f"models:/{settings.tracking.registered_model_name}@{settings.registry.champion_alias}"
     )
     name, version, alias = _registered_version(uri)
-    existing = reuse_or_copy(name, version, alias, settings.export)
-    if existing is not None:
-        return existing
     client = MlflowClient()
     try:
         model_version = client.get_model_version(name, version)
@@ -578,6 +579,9 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
         )
     spec = PreprocessSpec.model_validate(metadata["preprocess"])
     run_id = model_version.run_id or info.run_id or ""
+    existing = reuse_or_copy(name, version, run_id, alias, settings.export)
+    if existing is not None:
+        return existing
     run = client.get_run(run_id) if run_id else None
     lineage: dict[str, Any] = {
         "registered_name": name,
