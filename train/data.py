@@ -295,7 +295,7 @@ def choose_loader(cfg: DataConfig, num_images: int) -> LoaderName:
     decoded_mb = num_images * cfg.image_size * cfg.image_size * cfg.channels / 2**20
     choice: LoaderName = "stream" if decoded_mb > cfg.memory_budget_mb else "memory"
     logger.info(
-        "data.loader auto -> {}: {} images decoded at {}x{}x{} take {:.0f} MB, budget {} MB",
+        "data.loader auto -> {}: {} images decoded at {}x{}x{} take {:.2f} MB, budget {:g} MB",
         choice,
         num_images,
         cfg.image_size,
