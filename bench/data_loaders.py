@@ -113,7 +113,7 @@ def measure(loader: str, overrides: list[str]) -> dict[str, Any]:
     """Open the folder with ``loader`` and make one training pass; timings and peak memory."""
     from train.config import load_settings
     from train.data import batch_source, open_data
-    from train.engine import _batches  # the engine's own batching of either source
+    from train.engine import batches_of  # the engine's own batching of either source
 
     settings = load_settings(overrides=[*overrides, f"data.loader={loader}"])
     tree = TreeMemory()
@@ -125,7 +125,7 @@ def measure(loader: str, overrides: list[str]) -> dict[str, Any]:
     import torch
 
     started = time.perf_counter()
-    batches, _ = _batches(source, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+    batches, _ = batches_of(source, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
     seen = sum(int(labels.shape[0]) for _, labels in batches)
     seconds = time.perf_counter() - started
     tree_peak = tree.stop() / 2**20

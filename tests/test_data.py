@@ -533,6 +533,16 @@ def test_channel_stats() -> None:
     assert std == pytest.approx([0.5, 0.5, 0.0])
 
 
+def test_channel_stats_in_chunks_match_the_whole() -> None:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(50, 5, 4, 3), dtype=np.uint8)
+    flat = images.reshape(-1, 3) / 255.0
+    for chunk in (1, 7, 64):
+        mean, std = channel_stats(images, chunk=chunk)
+        assert mean == pytest.approx(flat.mean(axis=0).tolist(), abs=1e-12)
+        assert std == pytest.approx(flat.std(axis=0).tolist(), abs=1e-12)
+
+
 # --------------------------------------------------------------------------- tensors, batches
 
 

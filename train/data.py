@@ -21,7 +21,7 @@ import io
 import json
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -358,15 +358,19 @@ def _carve(cfg: DataConfig, full_train: SplitT, test: SplitT) -> tuple[SplitT, S
 def _spec(cfg: DataConfig, train: Split | FileSplit) -> PreprocessSpec:
     """The spec of ``train``'s images with its pixel mean/std (a seeded sample when streaming)."""
     if isinstance(train, Split):
-        sample = train.images
+        mean, std = channel_stats(train.images)
+        side, channels = int(train.images.shape[1]), int(train.images.shape[-1])
     else:
         rng = np.random.default_rng(cfg.split_seed)
         count = min(cfg.stats_sample_images, len(train))
-        sample = train.read(np.sort(rng.permutation(len(train))[:count]))
-    mean, std = channel_stats(sample)
+        sample = np.sort(rng.permutation(len(train))[:count])
+        # Decoded a chunk at a time: the sample itself may not fit in a tight budget.
+        chunks = (train.read(sample[start : start + 64]) for start in range(0, count, 64))
+        mean, std = merge_channel_stats(chunks)
+        side, channels = cfg.image_size, cfg.channels
     return PreprocessSpec(
-        image_size=int(sample.shape[1]),
-        channels=1 if sample.shape[-1] == 1 else 3,
+        image_size=side,
+        channels=1 if channels == 1 else 3,
         mean=tuple(round(m, 4) for m in mean),
         std=tuple(round(s, 4) for s in std),
     )
@@ -428,10 +432,38 @@ def open_data(cfg: DataConfig) -> AnyBundle:
 # --------------------------------------------------------------------------- statistics
 
 
-def channel_stats(images: NDArray[np.uint8]) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std on the 0..1 scale."""
-    flat = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    return flat.mean(axis=0).tolist(), flat.std(axis=0).tolist()
+def channel_stats(images: NDArray[np.uint8], chunk: int = 64) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the 0..1 scale, of ``chunk`` images at a time.
+
+    A float64 copy of the whole set would take 8 times its memory (19 GB for 16,000 RGB images
+    at 224x224); :func:`merge_channel_stats` combines the chunks exactly.
+    """
+    return merge_channel_stats(
+        images[start : start + chunk] for start in range(0, len(images), chunk)
+    )
+
+
+def merge_channel_stats(chunks: Iterable[NDArray[np.uint8]]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the 0..1 scale over ``[n, H, W, C]`` chunks, one pass.
+
+    Each chunk's count, mean and sum of squared deviations are merged pairwise (Chan et al.),
+    which stays accurate where summing squares would cancel.
+    """
+    count, mean, squares = 0, np.zeros(0), np.zeros(0)
+    for part in chunks:
+        flat = part.reshape(-1, part.shape[-1]).astype(np.float64) / 255.0
+        if flat.shape[0] == 0:
+            continue
+        n, part_mean = flat.shape[0], flat.mean(axis=0)
+        part_squares = np.square(flat - part_mean).sum(axis=0)
+        if count == 0:
+            count, mean, squares = n, part_mean, part_squares
+            continue
+        delta, total = part_mean - mean, count + n
+        mean = mean + delta * n / total
+        squares = squares + part_squares + np.square(delta) * count * n / total
+        count = total
+    return mean.tolist(), np.sqrt(squares / max(count, 1)).tolist()
 
 
 def _digest(data: bytes) -> str:

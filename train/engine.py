@@ -174,7 +174,7 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=target)
     seen = 0
     show = cfg.progress and sys.stderr.isatty()
-    batches, steps = _batches(data, cfg.batch_size, generator)
+    batches, steps = batches_of(data, cfg.batch_size, generator)
     for batch_images, batch_labels in tqdm(
         batches, total=steps, desc=description, disable=not show, leave=False
     ):
@@ -204,7 +204,7 @@ def train_one_epoch(
     return float(total_loss) / max(seen, 1), int(correct) / max(seen, 1), seen
 
 
-def _batches(
+def batches_of(
     data: BatchSource, batch_size: int, generator: torch.Generator | None = None
 ) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
     """The batches of ``data`` (shuffled by ``generator`` when tensors) and how many there are."""
@@ -334,7 +334,7 @@ def evaluate(
     preds: list[np.ndarray] = []
     probs: list[np.ndarray] = []
     truth: list[np.ndarray] = []
-    for batch_images, batch_labels in _batches(data, batch_size)[0]:
+    for batch_images, batch_labels in batches_of(data, batch_size)[0]:
         truth.append(batch_labels.cpu().numpy())
         inputs = to_device(batch_images, target, pin=True)
         batch_labels = to_device(batch_labels, target, pin=True)
@@ -465,7 +465,7 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     train_data = place_data(train_data, placement.device)
     val_data = place_data(val_data, placement.device)
-    steps_per_epoch = _batches(train_data, cfg.batch_size)[1]
+    steps_per_epoch = batches_of(train_data, cfg.batch_size)[1]
     trainer = Trainer(model, cfg, preset, generator, steps_per_epoch, placement.device)
     optimizer, scheduler = trainer.optimizer, trainer.scheduler
     state = TrainState()
