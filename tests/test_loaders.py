@@ -298,3 +298,31 @@ def test_cli_data_prints_the_findings_and_writes_them(
     assert "! 1 class(es) under 20 training images: few: 4" in out  # 'many' is not tiny
     stats = json.loads(Path(settings.data.stats_path).read_text())
     assert [f["kind"] for f in stats["findings"]] == ["class_imbalance", "tiny_classes"]
+
+
+def test_streamed_training_shards_under_torch_distributed(image_folder: Path) -> None:
+    """Under torchrun each rank reads its share; a one-process gloo group stands in for it."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bundle = open_data(_cfg(image_folder, loader="stream"))
+    assert isinstance(bundle.train, FileSplit)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+    )
+    try:
+        batches = StreamBatches(bundle.train, 4, _cfg(image_folder), True, seed=3)
+        unsharded = StreamBatches(bundle.val, 4, _cfg(image_folder), False)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert isinstance(batches.sampler, torch.utils.data.DistributedSampler)
+    assert unsharded.sampler is None  # evaluation reads every image in order
+    assert batches.num_images == len(bundle.train)
+    batches.set_epoch(1)
+    first = [int(label) for _, labels in batches for label in labels]
+    batches.set_epoch(2)
+    second = [int(label) for _, labels in batches for label in labels]
+    assert sorted(first) == sorted(second) == sorted(bundle.train.labels.tolist())
+    assert batches.sampler.epoch == 2
