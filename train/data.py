@@ -279,14 +279,18 @@ def list_image_folder(cfg: DataConfig) -> tuple[FileSplit, FileSplit, list[str],
 
 
 def decode_split(split: FileSplit, sizes: Counter[str], modes: Counter[str]) -> Split:
-    """Decode every file of ``split`` into memory, counting original sizes and modes."""
-    images: list[NDArray[np.uint8]] = []
-    for file in split.files:
+    """Decode every file of ``split`` into memory, counting original sizes and modes.
+
+    Into one array allocated up front: stacking a list of images would hold them twice.
+    """
+    side, channels = split.spec.image_size, split.spec.channels
+    images = np.empty((len(split), side, side, channels), dtype=np.uint8)
+    for index, file in enumerate(split.files):
         image = _decode_file(file, split.max_pixels)
         sizes[f"{image.size[0]}x{image.size[1]}"] += 1
         modes[image.mode] += 1
-        images.append(prepare_image(image, split.spec))
-    return Split(np.stack(images), split.labels)
+        images[index] = prepare_image(image, split.spec)
+    return Split(images, split.labels)
 
 
 def choose_loader(cfg: DataConfig, num_images: int) -> LoaderName:
