@@ -29,6 +29,7 @@ from train.data import (
     format_findings,
     iterate_batches,
     load_data,
+    merge_channel_stats,
     open_data,
     to_tensors,
 )
@@ -326,3 +327,18 @@ def test_streamed_training_shards_under_torch_distributed(image_folder: Path) ->
     second = [int(label) for _, labels in batches for label in labels]
     assert sorted(first) == sorted(second) == sorted(bundle.train.labels.tolist())
     assert batches.sampler.epoch == 2
+
+
+def test_streamed_statistics_name_an_unreadable_file(image_folder: Path) -> None:
+    bundle = open_data(_cfg(image_folder, loader="stream"))
+    assert isinstance(bundle.val, FileSplit)
+    broken = bundle.val.files[0]
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match=f"cannot read image {broken}"):
+        dataset_statistics(bundle)
+
+
+def test_split_read_and_statistics_of_nothing() -> None:
+    split = Split(np.arange(24, dtype=np.uint8).reshape(3, 2, 2, 2), np.arange(3))
+    assert np.array_equal(split.read(np.array([2, 0])), split.images[[2, 0]])
+    assert merge_channel_stats([]) == ([0.0], [0.0])
