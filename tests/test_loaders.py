@@ -342,3 +342,30 @@ def test_split_read_and_statistics_of_nothing() -> None:
     split = Split(np.arange(24, dtype=np.uint8).reshape(3, 2, 2, 2), np.arange(3))
     assert np.array_equal(split.read(np.array([2, 0])), split.images[[2, 0]])
     assert merge_channel_stats([]) == ([0.0], [0.0])
+
+
+def test_monitoring_reference_is_the_same_from_either_loader(
+    make_settings: MakeSettings, image_folder: Path
+) -> None:
+    from train.export import reference_input
+
+    folder = [
+        "data.source=image_folder",
+        f"data.path={image_folder}",
+        "data.image_size=12",
+        "data.channels=3",
+    ]
+    memory = make_settings(*folder, "data.loader=memory")
+    stream = make_settings(*folder, "data.loader=stream", "data.num_workers=0")
+    spec = load_data(memory.data).spec
+    from_memory = reference_input(memory, spec, 3)
+    from_stream = reference_input(stream, spec, 3)
+    assert from_memory is not None and from_stream is not None
+    assert np.array_equal(from_memory.pixels, from_stream.pixels)
+    assert np.array_equal(from_memory.labels, from_stream.labels)
+    assert from_memory.sizes == from_stream.sizes == {"20x16": 9, "24x24": 9, "30x18": 6}
+    # A validation image that cannot be read leaves the model without a reference.
+    bundle = open_data(stream.data)
+    assert isinstance(bundle.val, FileSplit)
+    bundle.val.files[0].write_bytes(b"not an image")
+    assert reference_input(stream, spec, 3) is None

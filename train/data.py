@@ -485,13 +485,33 @@ def _file_hashes(split: FileSplit, sizes: Counter[str], modes: Counter[str]) -> 
     for file in split.files:
         data = file.read_bytes()
         hashes.append(_digest(data))
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                sizes[f"{image.size[0]}x{image.size[1]}"] += 1
-                modes[image.mode] += 1
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read image {file}: {exc}") from exc
+        _count_header(file, data, sizes, modes)
     return hashes
+
+
+def _count_header(file: Path, data: bytes, sizes: Counter[str], modes: Counter[str]) -> None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            sizes[f"{image.size[0]}x{image.size[1]}"] += 1
+            modes[image.mode] += 1
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read image {file}: {exc}") from exc
+
+
+def original_sizes(bundle: AnyBundle) -> dict[str, int]:
+    """Original ``WxH`` counts of all splits: a decoded bundle's own, else from file headers."""
+    if isinstance(bundle.train, Split):
+        return dict(bundle.original_sizes)
+    sizes: Counter[str] = Counter()
+    for split in (bundle.train, bundle.val, bundle.test):
+        assert isinstance(split, FileSplit)  # a bundle's splits are all of one kind
+        for file in split.files:
+            try:
+                with Image.open(file) as image:  # reads the header only
+                    sizes[f"{image.size[0]}x{image.size[1]}"] += 1
+            except (OSError, ValueError) as exc:
+                raise DataError(f"cannot read image {file}: {exc}") from exc
+    return dict(sizes)
 
 
 def dataset_statistics(bundle: AnyBundle) -> dict[str, Any]:
