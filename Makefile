@@ -59,7 +59,7 @@ COMPOSE_FILES := -f docker-compose.yaml $(if $(filter postgres,$(MLFLOW_DB)),-f 
 # Models live in BentoML's own store (BENTOML_HOME if exported, else ~/bentoml), so plain
 # `bentoml serve service:Classifier`, `bentoml models list` and `bentoml build` see them.
 
-.PHONY: setup setup-dev system-deps test-deps data train fit promote import serve run test lint typecheck pytest mlflow mlflow-ui sweep bench bench-serve recipe-search openapi soak screenshots demo alerts alert-rules monitoring clean help
+.PHONY: setup setup-dev system-deps test-deps data train fit promote import serve run test lint typecheck pytest mlflow mlflow-ui sweep bench bench-serve bench-loaders recipe-search openapi soak screenshots demo alerts alert-rules monitoring clean help
 .PHONY: container-deps container-base container container-smoke mlflow-image postgres-image compose-up compose-down
 
 help:  ## list targets
@@ -111,6 +111,9 @@ bench: setup-dev  ## every performance comparison → docs/benchmarks.md/.png/.j
 
 bench-serve: setup-dev  ## benchmark the imported model under load → docs/benchmarks-serving.md (BENCH_ARGS=--tiny)
 	$(PY) -m bench.serving $(BENCH_ARGS)
+
+bench-loaders: setup-dev  ## memory vs stream ImageFolder loader: peak RSS and images/s on 20k generated JPEGs (LOADER_ARGS=--images 2000)
+	$(PY) -m bench.data_loaders $(LOADER_ARGS)
 
 recipe-search: setup  ## train configs/recipes.yaml (GPU if any; hours on CPU), priced in CPU hours → docs/recipe_search.md
 	$(PY) -m bench.recipe_search --device auto --parallel $(RECIPE_PARALLEL) --cpu-throughput \

@@ -66,7 +66,7 @@ from common.preprocess import PreprocessSpec
 from common.settings import SettingsError, one_line, read_yaml_mapping
 from train import device as train_device
 from train.config import DataConfig, ModelConfig, Precision, TrainConfig, load_settings
-from train.data import FASHION_MNIST_CLASSES, DataBundle, load_data, to_tensors
+from train.data import FASHION_MNIST_CLASSES, DataBundle, Split, load_data, to_tensors
 from train.engine import Trainer, place_data, set_seed
 from train.models import ARCHITECTURES, build_model
 from train.transforms import AugmentationPreset
@@ -282,7 +282,7 @@ def resolve_device(name: str) -> torch.device:
 @functools.cache
 def load_bundle(
     val_fraction: float, limit_per_class: int | None, data_path: Path | None
-) -> DataBundle:
+) -> DataBundle[Split]:
     """Fashion-MNIST split the project's way (``configs/data.yaml``), with these overrides."""
     data = load_settings().data.model_dump()
     data.update(source="fashion_mnist", val_fraction=val_fraction, limit_per_class=limit_per_class)
@@ -303,7 +303,7 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> RecipeResult:
     device = torch.device(options.device)
     bundle = load_bundle(recipe.val_fraction, options.limit_per_class, options.data_path)
     # On a GPU the images stay in its memory when they fit (Fashion-MNIST: 47 MB).
-    images, labels = place_data(to_tensors(bundle.train), device)
+    train_data = place_data(to_tensors(bundle.train), device)
     val_data = place_data(to_tensors(bundle.val), device)
     test_data = place_data(to_tensors(bundle.test), device)
     started = time.perf_counter()
@@ -318,11 +318,9 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> RecipeResult:
     curve: list[float] = []
     trained = 0
     for epoch in range(1, cfg.epochs + 1):
-        _, _, seen = trainer.epoch(
-            images, labels, description=f"{recipe.name} {epoch}/{cfg.epochs}"
-        )
+        _, _, seen = trainer.epoch(train_data, description=f"{recipe.name} {epoch}/{cfg.epochs}")
         trained += seen
-        val = trainer.evaluate(*val_data)
+        val = trainer.evaluate(val_data)
         curve.append(round(100 * val.accuracy, 2))
         print(
             f"{recipe.name}: epoch {epoch}/{cfg.epochs} val {curve[-1]:.2f}% "
@@ -330,7 +328,7 @@ def run_recipe(recipe: Recipe, options: RunOptions) -> RecipeResult:
             file=sys.stderr,
             flush=True,
         )
-    test = trainer.evaluate(*test_data)
+    test = trainer.evaluate(test_data)
     return RecipeResult(
         recipe=recipe,
         train_images=len(bundle.train),
@@ -449,7 +447,7 @@ def measure_cpu_throughput(
             images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=generator)
             labels = torch.randint(0, len(FASHION_MNIST_CLASSES), (n,), generator=generator)
             started = time.perf_counter()
-            _, _, seen = trainer.epoch(images, labels)
+            _, _, seen = trainer.epoch((images, labels))
             return seen, time.perf_counter() - started
 
         if warmup > 0:

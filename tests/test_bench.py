@@ -251,3 +251,19 @@ def test_photo_uploads_tiny() -> None:
     # The gap column is the PNG accuracy minus the row's, in points.
     png = float(rows[0][2])
     assert all(float(r[3]) == pytest.approx(png - float(r[2]), abs=0.011) for r in photos)
+
+
+@pytest.mark.slow
+def test_data_loaders_tiny(tmp_path: Path) -> None:
+    """Both loaders measured in fresh processes on a generated folder, which is then reused."""
+    args = ["--root", str(tmp_path / "folder"), "--images=60", "--size=32", "--image-size=16"]
+    result = run_bench_module("bench.data_loaders", *args, "--classes=3", "--processes=2")
+    rows = re.findall(
+        r"^\| (memory|stream) \| (\d+) \| [\d.]+ \| [\d.]+ \| (\d+) \|", result.stdout, re.M
+    )
+    # 3 classes x 20 images: 4 of each held out for test, 2 of the rest for validation
+    assert [(loader, int(n)) for loader, n, _ in rows] == [("memory", 42), ("stream", 42)]
+    assert all(int(speed) > 0 for _, _, speed in rows)
+    assert len(list((tmp_path / "folder").glob("class_*/*.jpg"))) == 60
+    again = run_bench_module("bench.data_loaders", *args, "--classes=3", "--processes=2")
+    assert "reusing 60 images" in again.stderr

@@ -31,9 +31,9 @@ from train.data import (
     find_fashion_mnist,
     iterate_batches,
     limit_per_class,
+    list_image_folder,
     load_data,
     load_fashion_mnist,
-    load_image_folder,
     read_idx,
     stratified_split,
     subset,
@@ -354,10 +354,10 @@ def test_image_folder_flat(tmp_path: Path, image_folder: Path) -> None:
 
 def test_image_folder_grayscale(tmp_path: Path, image_folder: Path) -> None:
     cfg = _cfg(tmp_path, source="image_folder", path=image_folder, image_size=8, channels=1)
-    train, test, classes, _, sizes = load_image_folder(cfg)
-    assert train.images.shape[1:] == (8, 8, 1)
-    assert len(train) + len(test) == 24 and len(sizes) == 24
-    assert classes == CLASSES
+    bundle = load_data(cfg)
+    assert bundle.train.images.shape[1:] == (8, 8, 1)
+    assert sum(bundle.original_sizes.values()) == 24
+    assert bundle.classes == CLASSES
 
 
 def test_image_folder_train_test_layout(tmp_path: Path, image_folder_split: Path) -> None:
@@ -377,7 +377,7 @@ def test_image_folder_ignores_hidden_dirs_and_other_files(
     (image_folder / "circle" / "notes.txt").write_text("not an image")
     (image_folder / "README.md").write_text("a file at the root")
     cfg = _cfg(tmp_path, source="image_folder", path=image_folder)
-    train, test, classes, _, _ = load_image_folder(cfg)
+    train, test, classes, _ = list_image_folder(cfg)
     assert classes == CLASSES and len(train) + len(test) == 24
 
 
@@ -387,8 +387,8 @@ def test_image_folder_reads_misnamed_and_uppercase_files(
     jpeg = image_folder / "circle" / "img_001.jpg"
     jpeg.rename(image_folder / "circle" / "IMG_001.PNG")  # JPEG bytes, PNG name, upper case
     cfg = _cfg(tmp_path, source="image_folder", path=image_folder)
-    train, test, _, _, _ = load_image_folder(cfg)
-    assert len(train) + len(test) == 24
+    bundle = load_data(cfg)
+    assert len(bundle.train) + len(bundle.val) + len(bundle.test) == 24
 
 
 def test_image_folder_errors_missing_root(tmp_path: Path) -> None:
@@ -456,7 +456,7 @@ def test_image_folder_factory_layouts(tmp_path: Path, make_image_folder: MakeIma
 # --------------------------------------------------------------------------- statistics
 
 
-def _bundle(train: list[int], val: list[int], test: list[int]) -> DataBundle:
+def _bundle(train: list[int], val: list[int], test: list[int]) -> DataBundle[Split]:
     """Splits whose images are constant ``[2, 2, 1]`` arrays of the given values (label = v % 2)."""
 
     def split(values: list[int]) -> Split:
@@ -469,15 +469,22 @@ def _bundle(train: list[int], val: list[int], test: list[int]) -> DataBundle:
 
 
 def test_dataset_statistics_counts_duplicates_and_overlap() -> None:
-    bundle = _bundle(train=[0, 0, 0, 1, 2, 255], val=[4, 5, 5], test=[2, 3, 7, 255, 255])
+    bundle = _bundle(train=[0, 0, 0, 1, 2, 255], val=[4, 5, 5, 1, 7], test=[2, 3, 7, 255, 255])
     stats = dataset_statistics(bundle)
-    assert stats["duplicates"] == {"train": 2, "val": 1, "test": 1, "train_test_overlap": 2}
+    assert stats["duplicates"] == {
+        "train": 2,
+        "val": 1,
+        "test": 1,
+        "train_test_overlap": 2,  # 2 and 255
+        "train_val_overlap": 1,  # 1
+        "val_test_overlap": 1,  # 7
+    }
     assert stats["counts"] == {
         "train": {"even": 4, "odd": 2},
-        "val": {"even": 1, "odd": 2},
+        "val": {"even": 1, "odd": 4},
         "test": {"even": 1, "odd": 4},
     }
-    assert stats["sizes"] == {"train": 6, "val": 3, "test": 5}
+    assert stats["sizes"] == {"train": 6, "val": 5, "test": 5}
     assert stats["image_shape"] == [2, 2, 1]
     assert stats["source"] == "planted" and stats["classes"] == ["even", "odd"]
     expected_mean = np.mean([0, 0, 0, 1, 2, 255]) / 255
@@ -488,9 +495,10 @@ def test_dataset_statistics_counts_duplicates_and_overlap() -> None:
 
 def test_dataset_statistics_of_generated_data(tmp_path: Path, fmnist_dir: Path) -> None:
     stats = dataset_statistics(load_data(_cfg(tmp_path, path=fmnist_dir)))
-    assert stats["duplicates"] == {"train": 0, "val": 0, "test": 0, "train_test_overlap": 0}
+    assert set(stats["duplicates"].values()) == {0}
     assert stats["counts"]["test"] == dict.fromkeys(FASHION_MNIST_CLASSES, 4)
     assert stats["original_sizes"] == {"28x28": 160}
+    assert stats["original_modes"] == {"L": 160}
     json.dumps(stats)  # serialisable as is
 
 
@@ -503,7 +511,14 @@ def test_duplicates_planted_in_idx_files(tmp_path: Path, fmnist_dir: Path) -> No
     images[1] = images[2]  # a duplicate inside the test set
     _gz(path, struct.pack(">HBBIII", 0, 8, 3, *images.shape) + images.tobytes())
     stats = dataset_statistics(load_data(cfg))
-    assert stats["duplicates"] == {"train": 0, "val": 0, "test": 1, "train_test_overlap": 1}
+    assert stats["duplicates"] == {
+        "train": 0,
+        "val": 0,
+        "test": 1,
+        "train_test_overlap": 1,
+        "train_val_overlap": 0,
+        "val_test_overlap": 0,
+    }
 
 
 def test_write_statistics(tmp_path: Path) -> None:
@@ -520,6 +535,16 @@ def test_channel_stats() -> None:
     mean, std = channel_stats(images)
     assert mean == pytest.approx([0.5, 0.5, 0.2])
     assert std == pytest.approx([0.5, 0.5, 0.0])
+
+
+def test_channel_stats_in_chunks_match_the_whole() -> None:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(50, 5, 4, 3), dtype=np.uint8)
+    flat = images.reshape(-1, 3) / 255.0
+    for chunk in (1, 7, 64):
+        mean, std = channel_stats(images, chunk=chunk)
+        assert mean == pytest.approx(flat.mean(axis=0).tolist(), abs=1e-12)
+        assert std == pytest.approx(flat.std(axis=0).tolist(), abs=1e-12)
 
 
 # --------------------------------------------------------------------------- tensors, batches

@@ -235,7 +235,7 @@ def test_half_precision_on_the_cpu_stops_before_training(tmp_path: Path, no_cuda
         with pytest.raises(DeviceError, match=f"train.precision is {precision}"):
             Trainer(_model(), _cfg(precision=precision), AugmentationPreset(), torch.Generator(), 1)
         with pytest.raises(DeviceError, match=f"train.precision is {precision}"):
-            engine_evaluate(_model(), *data, batch_size=8, precision=precision)
+            engine_evaluate(_model(), data, batch_size=8, precision=precision)
     with pytest.raises(DeviceError, match=NO_CUDA):
         fit(_model(), data, data, _cfg(device="cuda"), AugmentationPreset(), tmp_path)
     assert not list(tmp_path.iterdir())  # no checkpoint written

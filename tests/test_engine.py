@@ -67,7 +67,7 @@ def test_fit_learns_and_reports_each_epoch(tmp_path: Path) -> None:
     assert state.epoch == 3
     assert state.best_metric >= 0.9
     assert seen[-1].images_per_second > 0
-    assert evaluate(model, *data, batch_size=7).accuracy == pytest.approx(state.best_metric)
+    assert evaluate(model, data, batch_size=7).accuracy == pytest.approx(state.best_metric)
     assert (tmp_path / LAST).exists() and (tmp_path / PREVIOUS).exists()
 
 
@@ -215,8 +215,8 @@ def test_an_explicit_cpu_device_gives_the_same_results_as_none() -> None:
         model = toy_model()
         model.load_state_dict(initial)
         trainer = Trainer(model, cfg, preset, set_seed(7), steps_per_epoch=5, device=device)
-        trained = trainer.epoch(images, labels)
-        result = trainer.evaluate(images, labels)
+        trained = trainer.epoch((images, labels))
+        result = trainer.evaluate((images, labels))
         runs.append((trained, result, model.state_dict()))
     (loss, accuracy, seen), result, weights = runs[0]
     (loss_cpu, accuracy_cpu, seen_cpu), result_cpu, weights_cpu = runs[1]

@@ -62,7 +62,7 @@ def _train_and_test(settings: Settings, checkpoints: Path) -> tuple[bool, str, f
     fit(
         model, to_tensors(bundle.train), to_tensors(bundle.val), settings.train, preset, checkpoints
     )
-    result = evaluate(model, *to_tensors(bundle.test), batch_size=64, device=settings.train.device)
+    result = evaluate(model, to_tensors(bundle.test), batch_size=64, device=settings.train.device)
     return bool(model.flip_tta), settings.data.augmentation, result.accuracy
 
 

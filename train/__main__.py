@@ -207,12 +207,14 @@ def _training(args: argparse.Namespace) -> int:
             f"models:/{settings.tracking.registered_model_name}@{settings.registry.champion_alias}"
         )
         if args.command == "data":
+            from train.data import format_findings
             from train.pipeline import run_data
 
             stats = run_data(settings)
             print(
                 f"{sum(stats['sizes'].values())} images, {len(stats['classes'])} classes; statistics in {settings.data.stats_path}"
             )
+            print(format_findings(stats["findings"]))
         elif args.command == "fit":
             from train.pipeline import latest_checkpoint, run_fit
 

@@ -91,7 +91,25 @@ class DataConfig(_Section):
         description="Training augmentation preset. 'auto' (also when not given) is replaced "
         "while validating by the source's DEFAULT_AUGMENTATION, so the value is a preset name.",
     )
-    num_workers: int = Field(0, ge=0)
+    loader: Literal["memory", "stream", "auto"] = Field(
+        "auto",
+        description="ImageFolder: decode everything into memory, stream batches from the files "
+        "through DataLoader workers, or auto: stream when the decoded images would exceed "
+        "memory_budget_mb. Fashion-MNIST is always in memory.",
+    )
+    memory_budget_mb: float = Field(
+        4096, gt=0, description="Decoded ImageFolder size above which loader auto streams."
+    )
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes (stream loader).")
+    stats_sample_images: int = Field(
+        2000, ge=1, description="Training images the stream loader samples for mean/std."
+    )
+    imbalance_ratio_warning: float = Field(
+        3.0, gt=1.0, description="train data: flag largest/smallest class count above this."
+    )
+    min_class_images: int = Field(
+        20, ge=1, description="train data: flag classes with fewer training images."
+    )
     stats_path: Path = Path("artifacts/data_stats.json")
     max_image_pixels: int = Field(40_000_000, ge=1)
 

@@ -12,10 +12,10 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from train.config import Precision, TrainConfig
-from train.data import iterate_batches
+from train.data import BatchSource, StreamBatches, iterate_batches
 from train.device import Placement, fits_on_device, resolve_placement, to_device
 from train.transforms import AugmentationPreset, augment_batch
 
@@ -131,8 +131,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     criterion: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    data: BatchSource,
     cfg: TrainConfig,
     preset: AugmentationPreset,
     generator: torch.Generator,
@@ -152,8 +151,8 @@ def train_one_epoch(
         optimizer: Steps once per batch.
         scheduler: Steps once per batch.
         criterion: The loss, ``criterion(logits, labels)``.
-        images: ``uint8 [N, C, H, W]`` training images, on the CPU or on ``device``.
-        labels: ``int64 [N]`` labels, where ``images`` are.
+        data: ``(uint8 images [N, C, H, W], int64 labels [N])``, on the CPU or on ``device``,
+            or :class:`~train.data.StreamBatches` (whose own sampler orders them).
         cfg: Batch size, channels_last, precision and the progress bar setting.
         preset: Augmentation applied to each batch.
         generator: Seeded CPU generator for the order and the augmentation.
@@ -174,9 +173,8 @@ def train_one_epoch(
     total_loss = torch.zeros((), dtype=torch.float64, device=target)
     correct = torch.zeros((), dtype=torch.int64, device=target)
     seen = 0
-    steps = (int(labels.shape[0]) + cfg.batch_size - 1) // cfg.batch_size
     show = cfg.progress and sys.stderr.isatty()
-    batches = iterate_batches(images, labels, cfg.batch_size, generator)
+    batches, steps = batches_of(data, cfg.batch_size, generator)
     for batch_images, batch_labels in tqdm(
         batches, total=steps, desc=description, disable=not show, leave=False
     ):
@@ -206,19 +204,34 @@ def train_one_epoch(
     return float(total_loss) / max(seen, 1), int(correct) / max(seen, 1), seen
 
 
+def batches_of(
+    data: BatchSource, batch_size: int, generator: torch.Generator | None = None
+) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
+    """The batches of ``data`` (shuffled by ``generator`` when tensors) and how many there are."""
+    if isinstance(data, StreamBatches):
+        return data, len(data)
+    images, labels = data
+    steps = (int(labels.shape[0]) + batch_size - 1) // batch_size
+    return iterate_batches(images, labels, batch_size, generator), steps
+
+
+@overload
 def place_data(
     data: tuple[torch.Tensor, torch.Tensor], device: torch.device | str | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def place_data(data: StreamBatches, device: torch.device | str | None) -> StreamBatches: ...
+def place_data(data: BatchSource, device: torch.device | str | None) -> BatchSource:
     """``(images, labels)`` moved to ``device`` once when it is a GPU they fit on, else unchanged.
 
     On the GPU a batch is then an index into device memory: no host-to-device copy per batch.
     Data that does not fit (:func:`train.device.fits_on_device`) stays on the CPU and each batch
-    is copied through pinned memory.
+    is copied through pinned memory. Streamed batches are returned unchanged.
     """
     target = _device(device)
-    images, labels = data
-    if target is None or target.type != "cuda":
+    if target is None or target.type != "cuda" or isinstance(data, StreamBatches):
         return data
+    images, labels = data
     nbytes = images.numel() * images.element_size() + labels.numel() * labels.element_size()
     if not fits_on_device(nbytes, target):
         logger.info("data ({:.0f} MB) stays on the CPU: too big for {}", nbytes / 1e6, target)
@@ -258,17 +271,14 @@ class Trainer:
             self.model, self.cfg, self.steps_per_epoch
         )
 
-    def epoch(
-        self, images: torch.Tensor, labels: torch.Tensor, description: str = "train"
-    ) -> tuple[float, float, int]:
-        """:func:`train_one_epoch` over ``images``: mean loss, accuracy, images seen."""
+    def epoch(self, data: BatchSource, description: str = "train") -> tuple[float, float, int]:
+        """:func:`train_one_epoch` over ``data``: mean loss, accuracy, images seen."""
         return train_one_epoch(
             self.model,
             self.optimizer,
             self.scheduler,
             self.criterion,
-            images,
-            labels,
+            data,
             self.cfg,
             self.preset,
             self.generator,
@@ -277,12 +287,11 @@ class Trainer:
             scaler=self.scaler,
         )
 
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+    def evaluate(self, data: BatchSource) -> EvalResult:
         """:func:`evaluate` with the settings' batch size, memory format and precision."""
         return evaluate(
             self.model,
-            images,
-            labels,
+            data,
             self.cfg.eval_batch_size,
             self.cfg.channels_last,
             device=self.device,
@@ -293,8 +302,7 @@ class Trainer:
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    data: BatchSource,
     batch_size: int,
     channels_last: bool = False,
     device: torch.device | str | None = None,
@@ -304,9 +312,9 @@ def evaluate(
 
     Args:
         model: The network, in ``device``'s memory; put in eval mode here.
-        images: ``uint8 [N, C, H, W]`` images, on the CPU or on ``device``.
-        labels: ``int64 [N]`` labels, where ``images`` are.
-        batch_size: Images per forward pass.
+        data: ``(uint8 images [N, C, H, W], int64 labels [N])``, on the CPU or on ``device``,
+            or unshuffled :class:`~train.data.StreamBatches`.
+        batch_size: Images per forward pass (of tensors; streamed batches have their own).
         channels_last: Feed the inputs in channels_last memory format.
         device: Where the forward passes run; ``None`` = the CPU, with no copies. Outputs come
             back to the CPU either way.
@@ -325,7 +333,9 @@ def evaluate(
     total_loss = 0.0
     preds: list[np.ndarray] = []
     probs: list[np.ndarray] = []
-    for batch_images, batch_labels in iterate_batches(images, labels, batch_size):
+    truth: list[np.ndarray] = []
+    for batch_images, batch_labels in batches_of(data, batch_size)[0]:
+        truth.append(batch_labels.cpu().numpy())
         inputs = to_device(batch_images, target, pin=True)
         batch_labels = to_device(batch_labels, target, pin=True)
         inputs = inputs.float()
@@ -338,9 +348,9 @@ def evaluate(
         p = torch.softmax(logits, dim=1).cpu()
         probs.append(p.numpy())
         preds.append(p.argmax(1).numpy())
-    n = max(int(labels.shape[0]), 1)
     predictions = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-    accuracy = float((predictions == labels.cpu().numpy()).mean()) if preds else 0.0
+    n = max(len(predictions), 1)
+    accuracy = float((predictions == np.concatenate(truth)).mean()) if preds else 0.0
     probabilities = np.concatenate(probs) if probs else np.zeros((0, 0), dtype=np.float32)
     return EvalResult(total_loss / n, accuracy, predictions, probabilities)
 
@@ -413,8 +423,8 @@ EpochCallback = Callable[[EpochMetrics], None]
 
 def fit(
     model: nn.Module,
-    train_data: tuple[torch.Tensor, torch.Tensor],
-    val_data: tuple[torch.Tensor, torch.Tensor],
+    train_data: BatchSource,
+    val_data: BatchSource,
     cfg: TrainConfig,
     preset: AugmentationPreset,
     checkpoint_dir: Path,
@@ -427,8 +437,9 @@ def fit(
 
     Args:
         model: The network (moved to the device, and to channels_last if configured, here).
-        train_data: ``(uint8 images [N, C, H, W], labels)``, on the CPU.
-        val_data: Same, for validation.
+        train_data: ``(uint8 images [N, C, H, W], labels)`` on the CPU, or shuffled
+            :class:`~train.data.StreamBatches` (``set_epoch`` each epoch).
+        val_data: Same, for validation (unshuffled).
         cfg: Training settings.
         preset: Augmentation preset.
         checkpoint_dir: Where ``last.pt`` / ``previous.pt`` go.
@@ -452,9 +463,9 @@ def fit(
     model = model.to(placement.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    images, labels = place_data(train_data, placement.device)
+    train_data = place_data(train_data, placement.device)
     val_data = place_data(val_data, placement.device)
-    steps_per_epoch = (int(labels.shape[0]) + cfg.batch_size - 1) // cfg.batch_size
+    steps_per_epoch = batches_of(train_data, cfg.batch_size)[1]
     trainer = Trainer(model, cfg, preset, generator, steps_per_epoch, placement.device)
     optimizer, scheduler = trainer.optimizer, trainer.scheduler
     state = TrainState()
@@ -468,12 +479,14 @@ def fit(
         state = resume_from["train_state"]
     while state.epoch < cfg.epochs and not state.stopped_early:
         epoch = state.epoch + 1
+        if isinstance(train_data, StreamBatches):
+            train_data.set_epoch(epoch)
         start = time.perf_counter()
         train_loss, train_acc, seen = trainer.epoch(
-            images, labels, description=f"epoch {epoch}/{cfg.epochs}"
+            train_data, description=f"epoch {epoch}/{cfg.epochs}"
         )
         elapsed = time.perf_counter() - start
-        result = trainer.evaluate(*val_data)
+        result = trainer.evaluate(val_data)
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=train_loss,

@@ -453,18 +453,19 @@ def reference_input(
     The split is the one training used (``data`` settings: ``val_fraction``, ``split_seed``);
     data is never downloaded for this.
     """
-    from train.data import DataError, load_data
+    from train.data import DataError, open_data, original_sizes
 
     try:
-        bundle = load_data(settings.data.model_copy(update={"allow_download": False}))
+        # The loader fit used: a folder larger than memory stays on disk, read image by image.
+        bundle = open_data(settings.data.model_copy(update={"allow_download": False}))
     except (DataError, OSError, ValueError) as exc:
         logger.warning("no monitoring reference: {}", exc)
         return None
-    images = bundle.val.images
-    if images.shape[1:] != (spec.image_size, spec.image_size, spec.channels):
+    shape = (bundle.spec.image_size, bundle.spec.image_size, bundle.spec.channels)
+    if shape != (spec.image_size, spec.image_size, spec.channels):
         logger.warning(
             "no monitoring reference: validation images are {}, the model wants {}",
-            images.shape[1:],
+            shape,
             (spec.image_size, spec.image_size, spec.channels),
         )
         return None
@@ -476,11 +477,17 @@ def reference_input(
         )
         return None
     rng = np.random.default_rng(settings.train.seed)
-    keep = np.sort(rng.permutation(len(images))[: settings.export.reference_images])
+    keep = np.sort(rng.permutation(len(bundle.val))[: settings.export.reference_images])
+    try:
+        images = bundle.val.read(keep)
+        sizes = original_sizes(bundle)
+    except (DataError, OSError) as exc:
+        logger.warning("no monitoring reference: {}", exc)
+        return None
     return ReferenceData(
-        to_model_input(list(images[keep])),
+        to_model_input(list(images)),
         bundle.val.labels[keep],
-        dict(bundle.original_sizes),
+        sizes,
         f"{bundle.source} (validation split, {len(keep)} images)",
     )
 

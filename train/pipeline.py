@@ -17,15 +17,18 @@ import mlflow
 import numpy as np
 import torch
 from loguru import logger
+from numpy.typing import NDArray
 
 from common.preprocess import PreprocessSpec
 from train import tracking
 from train.config import Settings, resolve_path
 from train.data import (
-    DataBundle,
+    AnyBundle,
+    Split,
+    batch_source,
+    data_findings,
     dataset_statistics,
-    load_data,
-    to_tensors,
+    open_data,
     with_upload_variation,
     write_statistics,
 )
@@ -54,9 +57,10 @@ class FitOutcome:
 
 
 def run_data(settings: Settings) -> dict[str, Any]:
-    """Load the data set, write its statistics JSON and log them to an MLflow run."""
-    bundle = load_data(settings.data)
+    """Load the data set, write its statistics JSON (with the findings) and log it to MLflow."""
+    bundle = open_data(settings.data)
     stats = dataset_statistics(bundle)
+    stats["findings"] = data_findings(stats, settings.data)
     path = write_statistics(stats, settings.data.stats_path)
     experiment_id = tracking.connect(settings.tracking)
     with mlflow.start_run(experiment_id=experiment_id, run_name="data-statistics"):
@@ -104,7 +108,7 @@ def run_fit(
         settings = Settings.model_validate(payload["settings"])
     placement = resolve_placement(settings.train.device, settings.train.precision)
     experiment_id = tracking.connect(settings.tracking)
-    bundle = load_data(settings.data)
+    bundle = open_data(settings.data)
     model, preset = model_and_augmentation(settings, bundle)
     torch.set_num_threads(settings.train.num_threads or torch.get_num_threads())
     started = time.perf_counter()
@@ -135,12 +139,16 @@ def run_fit(
                 metrics.images_per_second,
             )
 
+        train_cfg = settings.train
+        train_split = bundle.train
+        if isinstance(train_split, Split):  # a streamed folder's files went through serving's path
+            train_split = with_upload_variation(
+                train_split, bundle.spec, settings.data, train_cfg.seed
+            )
         state = fit(
             model,
-            to_tensors(
-                with_upload_variation(bundle.train, bundle.spec, settings.data, settings.train.seed)
-            ),
-            to_tensors(bundle.val),
+            batch_source(train_split, train_cfg.batch_size, settings.data, True, train_cfg.seed),
+            batch_source(bundle.val, train_cfg.eval_batch_size, settings.data, False),
             settings.train,
             preset,
             checkpoint_dir,
@@ -170,7 +178,7 @@ def run_fit(
             model.eval(),
             bundle.classes,
             bundle.spec,
-            bundle.val.images[:2],
+            _example(bundle),
             torch.__version__,
             settings.export,
         )
@@ -185,7 +193,7 @@ def run_fit(
 
 
 def model_and_augmentation(
-    settings: Settings, bundle: DataBundle
+    settings: Settings, bundle: AnyBundle
 ) -> tuple[Classifier, AugmentationPreset]:
     """The configured model for ``bundle`` and the augmentation preset it trains with.
 
@@ -198,8 +206,13 @@ def model_and_augmentation(
     return model, preset
 
 
+def _example(bundle: AnyBundle) -> NDArray[np.uint8]:
+    """Two validation images, ``uint8 [N, H, W, C]``: the logged model's input example."""
+    return bundle.val.read(np.arange(min(2, len(bundle.val))))
+
+
 def _log_run_start(
-    settings: Settings, bundle: DataBundle, model: torch.nn.Module, placement: Placement
+    settings: Settings, bundle: AnyBundle, model: torch.nn.Module, placement: Placement
 ) -> None:
     mlflow.log_params(tracking.flatten(settings.model_dump(mode="json")))
     mlflow.log_params(
@@ -229,19 +242,18 @@ def _log_run_start(
 
 
 def _log_final_evaluation(
-    settings: Settings, bundle: DataBundle, model: torch.nn.Module, device: torch.device
+    settings: Settings, bundle: AnyBundle, model: torch.nn.Module, device: torch.device
 ) -> float:
     """Evaluate on the untouched test set; log metrics, report and plots. Returns test accuracy.
 
     On the training device, in float32 whatever ``train.precision`` is: the number that is
     logged is the one of the model as exported and served.
     """
-    images, labels = to_tensors(bundle.test)
+    batch_size = settings.train.eval_batch_size
     result = evaluate(
         model,
-        images,
-        labels,
-        settings.train.eval_batch_size,
+        batch_source(bundle.test, batch_size, settings.data, False),
+        batch_size,
         settings.train.channels_last,
         device=device,
     )
@@ -253,15 +265,19 @@ def _log_final_evaluation(
     tracking.log_json(matrix.tolist(), "evaluation/confusion_matrix.json")
     with tempfile.TemporaryDirectory() as tmp:
         confidences = result.probabilities.max(axis=1) if len(result.probabilities) else np.zeros(0)
+        # Only the images the grid shows are read: a streamed test split is not in memory.
+        labels, predictions = bundle.test.labels, result.predictions
+        wrong = np.flatnonzero(labels != predictions)
+        shown = wrong[np.argsort(-confidences[wrong])][: settings.train.max_misclassified]
         figures = [
             tracking.plot_confusion_matrix(
                 matrix, bundle.classes, Path(tmp) / "confusion_matrix.png"
             ),
             tracking.plot_misclassified(
-                bundle.test.images,
-                bundle.test.labels,
-                result.predictions,
-                confidences,
+                bundle.test.read(shown),
+                labels[shown],
+                predictions[shown],
+                confidences[shown],
                 bundle.classes,
                 Path(tmp) / "misclassified.png",
                 settings.train.max_misclassified,
@@ -278,10 +294,11 @@ def run_evaluate(settings: Settings, model_uri: str) -> dict[str, float]:
     """
     device = resolve_device(settings.train.device)
     tracking.connect(settings.tracking)
-    bundle = load_data(settings.data)
+    bundle = open_data(settings.data)
     model = tracking.load_torch_model(model_uri).to(device)
-    images, labels = to_tensors(bundle.test)
-    result = evaluate(model, images, labels, settings.train.eval_batch_size, device=device)
+    batch_size = settings.train.eval_batch_size
+    test_data = batch_source(bundle.test, batch_size, settings.data, False)
+    result = evaluate(model, test_data, batch_size, device=device)
     return {"test_accuracy": result.accuracy, "test_loss": result.loss}
 
 
