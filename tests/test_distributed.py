@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from common.preprocess import PreprocessSpec
 from tests.conftest import cli_overrides
 from train import tracking
-from train.config import Settings
+from train.config import ModelConfig, Settings, TrainConfig
 from train.data import iterate_batches
-from train.distributed import SINGLE, DistributedContext, current, launch_context
-from train.engine import CheckpointError, check_resumable, load_checkpoint
+from train.device import Placement
+from train.distributed import SINGLE, DistributedContext, current, launch_context, process_group
+from train.engine import (
+    CheckpointError,
+    Trainer,
+    check_resumable,
+    evaluate,
+    load_checkpoint,
+    validate,
+)
 from train.models import build_model
 from train.pipeline import run_fit
+from train.transforms import PRESETS
 
 MakeSettings = Callable[..., Settings]
 REPO = Path(__file__).resolve().parent.parent
@@ -105,6 +116,47 @@ def test_resume_needs_the_same_number_of_processes() -> None:
         check_resumable({"world_size": 2}, SINGLE)
     with pytest.raises(CheckpointError, match="resume it without torchrun"):
         check_resumable({"world_size": 1}, DistributedContext(0, 2))
+
+
+@pytest.fixture
+def one_process_group(monkeypatch: pytest.MonkeyPatch) -> Iterator[DistributedContext]:
+    """The process group of a one-process ``torchrun`` launch, in this process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**launch, "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    with process_group(Placement(torch.device("cpu"))) as (context, placement):
+        assert placement.device == torch.device("cpu")
+        yield context
+    assert not dist.is_initialized()
+
+
+def test_torchrun_variables_start_a_gloo_group_on_the_cpu(
+    one_process_group: DistributedContext,
+) -> None:
+    assert dist.is_initialized() and dist.get_backend() == "gloo"
+    assert one_process_group == current() == DistributedContext(0, 1, 0)
+
+
+def test_validation_adds_up_the_processes_shares(one_process_group: DistributedContext) -> None:
+    """Rank 0 of two (alone in the group): it evaluates every other image, and the sum over the
+    group is its own."""
+    del one_process_group
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (9, 1, 28, 28), generator=generator, dtype=torch.uint8)
+    labels = torch.randint(0, 2, (9,), generator=generator)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="simple_cnn", width=4), PreprocessSpec(), 2)
+    cfg = TrainConfig(progress=False, eval_batch_size=4)
+    rank0 = DistributedContext(0, 2)
+    trainer = Trainer(model, cfg, PRESETS["none"], generator, 1, context=rank0)
+    loss, accuracy = validate(trainer, model, images, labels)
+    mine = evaluate(model, images[0::2], labels[0::2], 4)
+    assert (loss, accuracy) == pytest.approx((mine.loss, mine.accuracy))
+    assert rank0.sum([1.0, 2.0], torch.device("cpu")) == [1.0, 2.0]
+    assert rank0.from_main({"stop": True}) == {"stop": True}
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess[str]:

@@ -11,6 +11,7 @@ MLflow and write checkpoints. Other loaders (a ``DistributedSampler``) ask :func
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -141,4 +142,8 @@ def process_group(placement: Placement) -> Iterator[tuple[DistributedContext, Pl
     try:
         yield current(), Placement(device, placement.precision)
     finally:
+        # A DistributedDataParallel wrapper sits in reference cycles that keep the group alive;
+        # left to the collector at interpreter exit, gloo's teardown sometimes aborts the process
+        # ("terminate called without an active exception"). Free them while all is still up.
+        gc.collect()
         dist.destroy_process_group()

@@ -603,22 +603,21 @@ def fit(
                 state.stopped_early = True
         if on_epoch_end is not None:
             on_epoch_end(metrics)
-        if not context.is_main:
-            continue
-        save_checkpoint(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-                "epoch": epoch,
-                "rng": _rng_state(generator),
-                "train_state": state,
-                "world_size": context.world_size,
-                **(extra or {}),
-            },
-            checkpoint_dir,
-        )
+        if context.is_main:  # the others hold the same state
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+                    "epoch": epoch,
+                    "rng": _rng_state(generator),
+                    "train_state": state,
+                    "world_size": context.world_size,
+                    **(extra or {}),
+                },
+                checkpoint_dir,
+            )
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)
     return state
