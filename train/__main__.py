@@ -216,6 +216,7 @@ def _training(args: argparse.Namespace) -> int:
             )
             print(format_findings(stats["findings"]))
         elif args.command == "fit":
+            from train.distributed import launch_context
             from train.pipeline import latest_checkpoint, run_fit
 
             resume = None
@@ -224,6 +225,8 @@ def _training(args: argparse.Namespace) -> int:
                     latest_checkpoint(settings) if args.resume == "latest" else Path(args.resume)
                 )
             outcome = run_fit(settings, resume=resume, run_name=args.run_name)
+            if not launch_context().is_main:
+                return 0  # under torchrun the main process prints the result once
             print(
                 f"run {outcome.run_id}: val_accuracy={outcome.val_accuracy:.4f} "
                 f"test_accuracy={outcome.test_accuracy:.4f} in {outcome.minutes:.1f} min"

@@ -35,6 +35,7 @@ from PIL import Image
 
 from common.preprocess import ImageDecodeError, PreprocessSpec, decode_image, prepare_image
 from train.config import DataConfig, resolve_path
+from train.distributed import SINGLE, DistributedContext
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -702,16 +703,18 @@ def iterate_batches(
     labels: torch.Tensor,
     batch_size: int,
     generator: torch.Generator | None = None,
+    context: DistributedContext = SINGLE,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images, labels)`` batches; shuffled when a generator is given.
 
     The order is drawn on the CPU (``generator`` is a CPU generator) and indexes ``images``
-    where they are, so data held on a GPU is batched there in the same order.
+    where they are, so data held on a GPU is batched there in the same order. Under ``torchrun``
+    every process draws the same order and takes its ``context`` shard of it.
     """
     n = int(labels.shape[0])
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    order = order.to(images.device)
-    for start in range(0, n, batch_size):
+    order = context.shard(order).to(images.device)
+    for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         yield images[idx], labels[idx]
 

@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,13 @@ import numpy as np
 import torch
 from loguru import logger
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from train.config import Precision, TrainConfig
 from train.data import BatchSource, StreamBatches, iterate_batches
 from train.device import Placement, fits_on_device, resolve_placement, to_device
+from train.distributed import SINGLE, DistributedContext, current
 from train.transforms import AugmentationPreset, augment_batch
 
 LAST = "last.pt"
@@ -138,8 +141,11 @@ def train_one_epoch(
     description: str = "train",
     device: torch.device | str | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    context: DistributedContext = SINGLE,
+    augment_generator: torch.Generator | None = None,
 ) -> tuple[float, float, int]:
-    """One pass over the training images, in a shuffled order drawn from ``generator``.
+    """One pass over the training images (this process's shard of them), in a shuffled order
+    drawn from ``generator``.
 
     The order and the augmentation's random numbers always come from ``generator``, a CPU
     generator, so a run draws the same wherever it trains. Images held on the CPU are augmented
@@ -159,9 +165,12 @@ def train_one_epoch(
         description: Label of the progress bar.
         device: Where the forward and backward passes run; ``None`` = the CPU, with no copies.
         scaler: The gradient scaler of ``fp16`` training (:meth:`Placement.grad_scaler`).
+        context: Under ``torchrun``, which shard of the order this process trains on.
+        augment_generator: Draws the augmentation instead of ``generator`` (a per-rank one
+            under ``torchrun``, while ``generator`` draws the order all ranks share).
 
     Returns:
-        ``(mean loss, accuracy, images seen)`` over the epoch.
+        ``(mean loss, accuracy, images seen)`` over the epoch, on this process.
 
     Raises:
         DeviceError: ``cfg.precision`` is not available on ``device``.
@@ -173,12 +182,12 @@ def train_one_epoch(
     total_loss = torch.zeros((), dtype=torch.float64, device=target)
     correct = torch.zeros((), dtype=torch.int64, device=target)
     seen = 0
-    show = cfg.progress and sys.stderr.isatty()
-    batches, steps = batches_of(data, cfg.batch_size, generator)
+    show = cfg.progress and sys.stderr.isatty() and context.is_main
+    batches, steps = batches_of(data, cfg.batch_size, generator, context)
     for batch_images, batch_labels in tqdm(
         batches, total=steps, desc=description, disable=not show, leave=False
     ):
-        inputs = augment_batch(batch_images, preset, generator)
+        inputs = augment_batch(batch_images, preset, augment_generator or generator)
         # uint8 crosses to the device (a quarter of float32's bytes) and becomes float there.
         inputs = to_device(inputs, target, pin=True)
         batch_labels = to_device(batch_labels, target, pin=True)
@@ -205,14 +214,20 @@ def train_one_epoch(
 
 
 def batches_of(
-    data: BatchSource, batch_size: int, generator: torch.Generator | None = None
+    data: BatchSource,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    context: DistributedContext = SINGLE,
 ) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
-    """The batches of ``data`` (shuffled by ``generator`` when tensors) and how many there are."""
+    """This process's batches of ``data`` (shuffled by ``generator`` when tensors) and how many.
+
+    Tensors are sharded by ``context``; streamed batches already are, by their sampler.
+    """
     if isinstance(data, StreamBatches):
         return data, len(data)
     images, labels = data
-    steps = (int(labels.shape[0]) + batch_size - 1) // batch_size
-    return iterate_batches(images, labels, batch_size, generator), steps
+    steps = (context.shard_size(int(labels.shape[0])) + batch_size - 1) // batch_size
+    return iterate_batches(images, labels, batch_size, generator, context), steps
 
 
 @overload
@@ -243,7 +258,8 @@ def place_data(data: BatchSource, device: torch.device | str | None) -> BatchSou
 class Trainer:
     """``model`` with what :func:`fit` trains it with: the parts of :func:`make_training_parts`
     for ``steps_per_epoch`` batches an epoch, ``preset`` and ``generator``, on ``device`` in
-    ``cfg.precision`` (with a gradient scaler for ``fp16``).
+    ``cfg.precision`` (with a gradient scaler for ``fp16``). Under ``torchrun``, ``model`` is
+    the ``DistributedDataParallel`` wrapper and ``context`` says which shard this process trains.
 
     :func:`fit`, the recipe search and the tests train and validate through it, so they run the
     same sequence.
@@ -258,6 +274,7 @@ class Trainer:
     generator: torch.Generator
     steps_per_epoch: int
     device: torch.device | str | None = None
+    context: DistributedContext = SINGLE
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LRScheduler = field(init=False)
     criterion: nn.Module = field(init=False)
@@ -271,7 +288,12 @@ class Trainer:
             self.model, self.cfg, self.steps_per_epoch
         )
 
-    def epoch(self, data: BatchSource, description: str = "train") -> tuple[float, float, int]:
+    def epoch(
+        self,
+        data: BatchSource,
+        description: str = "train",
+        augment_generator: torch.Generator | None = None,
+    ) -> tuple[float, float, int]:
         """:func:`train_one_epoch` over ``data``: mean loss, accuracy, images seen."""
         return train_one_epoch(
             self.model,
@@ -285,6 +307,8 @@ class Trainer:
             description=description,
             device=self.device,
             scaler=self.scaler,
+            context=self.context,
+            augment_generator=augment_generator,
         )
 
     def evaluate(self, data: BatchSource) -> EvalResult:
@@ -421,6 +445,68 @@ def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
 EpochCallback = Callable[[EpochMetrics], None]
 
 
+def check_resumable(payload: dict[str, Any], context: DistributedContext) -> None:
+    """Refuse a checkpoint written by another number of processes: its learning-rate schedule
+    counts that many processes' steps per epoch.
+
+    Raises:
+        CheckpointError: the numbers differ; the message says which to launch.
+    """
+    written_by = int(payload.get("world_size", 1))
+    if written_by != context.world_size:
+        how = (
+            "without torchrun" if written_by == 1 else f"under torchrun with {written_by} processes"
+        )
+        raise CheckpointError(
+            f"the checkpoint was written with world size {written_by} and this run has world "
+            f"size {context.world_size}; resume it {how} in all"
+        )
+
+
+def wrap_for_training(
+    model: nn.Module, device: torch.device, context: DistributedContext
+) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` under a multi-process launch (it averages the
+    gradients over the processes and starts them from rank 0's weights), else ``model``."""
+    if not context.is_distributed:
+        return model
+    # A 1-channel conv's weight gradient may come back with another (equally valid) stride on
+    # its size-1 dimension; DDP copies it into its bucket and warns on every process. Harmless.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def validate(trainer: Trainer, model: nn.Module, data: BatchSource) -> tuple[float, float]:
+    """Validation ``(loss, accuracy)`` of ``model`` (unwrapped) over all of ``data``.
+
+    Under ``torchrun`` each process evaluates its :meth:`DistributedContext.split` of in-memory
+    images and the sums are added up, so every process gets the same numbers; streamed
+    validation batches are read whole by every process.
+    """
+    context = trainer.context
+    if not context.is_distributed or isinstance(data, StreamBatches):
+        result = trainer.evaluate(data)
+        return result.loss, result.accuracy
+    images, labels = data
+    part = context.split(int(labels.shape[0])).to(images.device)
+    cfg = trainer.cfg
+    result = evaluate(
+        model,
+        (images[part], labels[part]),
+        cfg.eval_batch_size,
+        cfg.channels_last,
+        device=trainer.device,
+        precision=cfg.precision,
+    )
+    n = len(part)
+    loss_sum, correct, total = context.sum(
+        [result.loss * n, round(result.accuracy * n), n], trainer.placement.device
+    )
+    return loss_sum / max(total, 1), correct / max(total, 1)
+
+
 def fit(
     model: nn.Module,
     train_data: BatchSource,
@@ -449,13 +535,23 @@ def fit(
         placement: Device and precision; default: ``cfg.device`` and ``cfg.precision`` resolved
             by :func:`train.device.resolve_placement`.
 
+    Under ``torchrun`` (a process group is up, :func:`train.distributed.process_group`) the
+    model trains in ``DistributedDataParallel``, each process on its shard of every epoch with
+    ``cfg.batch_size`` images a step; the epoch's metrics are those of all processes together,
+    ranks agree on improvement and early stopping, and only the main process writes
+    checkpoints (the unwrapped model's weights, as a single process writes them).
+
     Returns:
         The final :class:`TrainState`; the model holds the best validation weights, on the
         training device.
 
     Raises:
         DeviceError: ``cfg.device`` or ``cfg.precision`` is not available here.
+        CheckpointError: ``resume_from`` was written by another number of processes.
     """
+    context = current()
+    if resume_from is not None:
+        check_resumable(resume_from, context)
     placement = placement or resolve_placement(cfg.device, cfg.precision)
     generator = set_seed(cfg.seed)
     if cfg.num_threads:
@@ -465,8 +561,16 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     train_data = place_data(train_data, placement.device)
     val_data = place_data(val_data, placement.device)
-    steps_per_epoch = batches_of(train_data, cfg.batch_size)[1]
-    trainer = Trainer(model, cfg, preset, generator, steps_per_epoch, placement.device)
+    steps_per_epoch = batches_of(train_data, cfg.batch_size, context=context)[1]
+    trainer = Trainer(
+        wrap_for_training(model, placement.device, context),
+        cfg,
+        preset,
+        generator,
+        steps_per_epoch,
+        placement.device,
+        context,
+    )
     optimizer, scheduler = trainer.optimizer, trainer.scheduler
     state = TrainState()
     if resume_from is not None:
@@ -482,25 +586,32 @@ def fit(
         if isinstance(train_data, StreamBatches):
             train_data.set_epoch(epoch)
         start = time.perf_counter()
+        augment = context.seed_epoch(cfg.seed, epoch) if context.is_distributed else None
         train_loss, train_acc, seen = trainer.epoch(
-            train_data, description=f"epoch {epoch}/{cfg.epochs}"
+            train_data, description=f"epoch {epoch}/{cfg.epochs}", augment_generator=augment
         )
+        if context.is_distributed:
+            loss_sum, correct, total = context.sum(
+                [train_loss * seen, round(train_acc * seen), seen], placement.device
+            )
+            train_loss, train_acc, seen = loss_sum / total, correct / total, int(total)
         elapsed = time.perf_counter() - start
-        result = trainer.evaluate(val_data)
+        val_loss, val_accuracy = validate(trainer, model, val_data)
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=train_loss,
             train_accuracy=train_acc,
-            val_loss=result.loss,
-            val_accuracy=result.accuracy,
+            val_loss=val_loss,
+            val_accuracy=val_accuracy,
             lr=float(optimizer.param_groups[0]["lr"]),
             epoch_seconds=elapsed,
             images_per_second=seen / elapsed if elapsed > 0 else 0.0,
         )
         state.epoch = epoch
         state.history.append({"epoch": float(epoch), **metrics.as_dict()})
-        if result.accuracy > state.best_metric + cfg.early_stopping_min_delta:
-            state.best_metric = result.accuracy
+        # The main process decides, so all agree on the best weights and on stopping.
+        if context.from_main(val_accuracy > state.best_metric + cfg.early_stopping_min_delta):
+            state.best_metric = val_accuracy
             state.best_epoch = epoch
             state.epochs_without_improvement = 0
             state.best_weights = copy.deepcopy(model.state_dict())
@@ -510,19 +621,21 @@ def fit(
                 state.stopped_early = True
         if on_epoch_end is not None:
             on_epoch_end(metrics)
-        save_checkpoint(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-                "epoch": epoch,
-                "rng": _rng_state(generator),
-                "train_state": state,
-                **(extra or {}),
-            },
-            checkpoint_dir,
-        )
+        if context.is_main:  # the others hold the same state
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+                    "epoch": epoch,
+                    "rng": _rng_state(generator),
+                    "train_state": state,
+                    "world_size": context.world_size,
+                    **(extra or {}),
+                },
+                checkpoint_dir,
+            )
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)
     return state

@@ -6,6 +6,7 @@ any training starts, so a mistake costs seconds and leaves MLflow and ``models/`
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import tempfile
 import time
@@ -17,6 +18,7 @@ import mlflow
 import numpy as np
 import torch
 from loguru import logger
+from mlflow import ActiveRun
 from numpy.typing import NDArray
 
 from common.preprocess import PreprocessSpec
@@ -33,9 +35,11 @@ from train.data import (
     write_statistics,
 )
 from train.device import Placement, resolve_device, resolve_placement
+from train.distributed import DistributedContext, process_group
 from train.engine import (
     CheckpointError,
     EpochMetrics,
+    check_resumable,
     evaluate,
     fit,
     load_checkpoint,
@@ -97,6 +101,10 @@ def run_fit(
 ) -> FitOutcome:
     """Train the configured model in an MLflow run (or continue one from a checkpoint).
 
+    Under ``torchrun`` every process trains (:func:`train.engine.fit`) and only the main one
+    talks to MLflow, evaluates on the test set and writes checkpoints; every process returns
+    the main one's outcome.
+
     Args:
         settings: All settings.
         resume: A checkpoint file or run checkpoint folder to continue from.
@@ -107,7 +115,24 @@ def run_fit(
         # The checkpoint's own settings win: a resumed run must be the same run.
         settings = Settings.model_validate(payload["settings"])
     placement = resolve_placement(settings.train.device, settings.train.precision)
-    experiment_id = tracking.connect(settings.tracking)
+    with process_group(placement) as (context, placement):
+        if payload is not None:
+            check_resumable(payload, context)
+        outcome = context.from_main(_fit_in_run(settings, payload, run_name, context, placement))
+    if outcome is None:  # the main process always returns one
+        raise RuntimeError("the main training process returned no outcome")
+    return outcome
+
+
+def _fit_in_run(
+    settings: Settings,
+    payload: dict[str, Any] | None,
+    run_name: str | None,
+    context: DistributedContext,
+    placement: Placement,
+) -> FitOutcome | None:
+    """:func:`run_fit` on one process; ``None`` on all but the main one."""
+    experiment_id = tracking.connect(settings.tracking) if context.is_main else ""
     bundle = open_data(settings.data)
     model, preset = model_and_augmentation(settings, bundle)
     torch.set_num_threads(settings.train.num_threads or torch.get_num_threads())
@@ -119,12 +144,16 @@ def run_fit(
     )
     # Under a sweep's parent run, a trial is its child.
     run_kwargs["nested"] = mlflow.active_run() is not None
-    with mlflow.start_run(**run_kwargs) as run:
-        run_id = run.info.run_id
+    # Only the main process opens the run: the others must not create runs of their own.
+    active: contextlib.AbstractContextManager[ActiveRun | None] = (
+        mlflow.start_run(**run_kwargs) if context.is_main else contextlib.nullcontext()
+    )
+    with active as run:
+        run_id = context.from_main(run.info.run_id if run is not None else "")
         checkpoint_dir = resolve_path(settings.train.checkpoint_dir) / run_id
-        if payload is None:
-            _log_run_start(settings, bundle, model, placement)
-        else:
+        if context.is_main and payload is None:
+            _log_run_start(settings, bundle, model, placement, context)
+        elif context.is_main and payload is not None:
             logger.info("resuming run {} after epoch {}", run_id, payload["epoch"])
             mlflow.set_tag("resumed_after_epoch", str(payload["epoch"]))
 
@@ -159,9 +188,11 @@ def run_fit(
                 "spec": bundle.spec.model_dump(mode="json"),
             },
             resume_from=payload,
-            on_epoch_end=on_epoch_end,
+            on_epoch_end=on_epoch_end if context.is_main else None,
             placement=placement,
         )
+        if not context.is_main:
+            return None
         minutes = (time.perf_counter() - started) / 60.0
         test_accuracy = _log_final_evaluation(settings, bundle, model, placement.device)
         model = model.to("cpu")  # the logged model loads anywhere
@@ -212,13 +243,19 @@ def _example(bundle: AnyBundle) -> NDArray[np.uint8]:
 
 
 def _log_run_start(
-    settings: Settings, bundle: AnyBundle, model: torch.nn.Module, placement: Placement
+    settings: Settings,
+    bundle: AnyBundle,
+    model: torch.nn.Module,
+    placement: Placement,
+    context: DistributedContext,
 ) -> None:
     mlflow.log_params(tracking.flatten(settings.model_dump(mode="json")))
     mlflow.log_params(
         {
             # What "auto" became on this machine: device, its name, precision, flip TTA.
             **placement.params(),
+            # Processes training together (torchrun); train.batch_size is per process.
+            "world_size": str(context.world_size),
             "flip_tta": str(bool(getattr(model, "flip_tta", False))).lower(),
             "num_classes": str(len(bundle.classes)),
             "train_size": str(len(bundle.train)),
