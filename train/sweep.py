@@ -17,6 +17,7 @@ import mlflow
 from loguru import logger
 
 from train.config import Settings
+from train.device import resolve_placement
 from train.pipeline import FitOutcome, run_fit
 from train.tracking import connect, flatten
 
@@ -69,6 +70,8 @@ def run_sweep(settings: Settings) -> list[tuple[Trial, FitOutcome]]:
     base = _apply(settings, dict(settings.sweep.overrides))
     results: list[tuple[Trial, FitOutcome]] = []
     started = time.perf_counter()
+    # A missing device stops the sweep before its parent run is written.
+    resolve_placement(settings.train.device, settings.train.precision)
     experiment_id = connect(settings.tracking)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"sweep-{sweep_id}"):
         mlflow.set_tag("sweep_id", sweep_id)
