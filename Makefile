@@ -59,7 +59,7 @@ COMPOSE_FILES := -f docker-compose.yaml $(if $(filter postgres,$(MLFLOW_DB)),-f 
 # Models live in BentoML's own store (BENTOML_HOME if exported, else ~/bentoml), so plain
 # `bentoml serve service:Classifier`, `bentoml models list` and `bentoml build` see them.
 
-.PHONY: setup setup-dev system-deps test-deps data train fit promote import serve run test lint typecheck pytest mlflow mlflow-ui sweep bench bench-serve bench-loaders recipe-search openapi soak screenshots demo alerts alert-rules monitoring clean help
+.PHONY: setup setup-dev system-deps test-deps data train fit promote import serve run test lint typecheck pytest mlflow mlflow-ui sweep bench bench-serve bench-loaders recipe-search openapi notebooks soak screenshots demo alerts alert-rules monitoring clean help
 .PHONY: container-deps container-base container container-smoke mlflow-image postgres-image compose-up compose-down
 
 help:  ## list targets
@@ -124,6 +124,9 @@ soak: setup-dev  ## /predict + /batch_predict at concurrency 64 for configs/soak
 
 openapi: setup  ## export the service's OpenAPI schema to docs/openapi.json (no model needed)
 	$(PY) scripts/export_openapi.py
+
+notebooks: setup-dev  ## execute notebooks/*.ipynb in place on the real data and MLflow runs (outputs committed)
+	$(PY) scripts/run_notebooks.py
 
 screenshots: setup-dev  ## Swagger UI in headless Chromium predicting with the imported model → docs/swagger-*.png
 	$(PY) scripts/demo.py sample-image $(SCREENSHOT_IMAGE)

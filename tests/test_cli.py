@@ -90,6 +90,9 @@ def test_data_fit_promote_evaluate_report(
     rows = [line for line in out.splitlines() if line.startswith("| simple_cnn |")]
     assert sorted(row.split("|")[2].strip() for row in rows) == sorted({str(width), "8"})
     assert f"| simple_cnn | {width} |" in readme.read_text() and "old" not in readme.read_text()
+    # Weights and training-set size tell a transfer-learning or subset run from a full one.
+    assert all(row.split("|")[3].strip() == "random" for row in rows)
+    assert all(row.split("|")[4].strip().replace(",", "").isdigit() for row in rows)
 
 
 def test_promote_with_nothing_trained(

@@ -8,6 +8,7 @@ comes from the ``fmnist_dir`` fixture, and ``make_settings`` isolates the enviro
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Callable
@@ -166,3 +167,24 @@ def test_model_experiments_notebook_with_runs(
     assert "could not time" not in text
     assert re.search(r"sweep [0-9a-f]{8}: 2 trial\(s\) nested under parent run", text)
     assert _image_count(notebook) == 2  # accuracy against cost, and the sweep
+
+
+def test_run_notebooks_executes_in_place_and_refuses_a_failing_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``make notebooks``: outputs are written back; a failing cell overwrites nothing."""
+    from scripts import run_notebooks
+
+    monkeypatch.setattr(run_notebooks, "NOTEBOOKS", tmp_path)
+    good, bad = tmp_path / "good.ipynb", tmp_path / "bad.ipynb"
+    new_notebook: Callable[..., Any] = nbformat.v4.new_notebook
+    new_code_cell: Callable[..., Any] = nbformat.v4.new_code_cell
+    _write_notebook(new_notebook(cells=[new_code_cell("print(6 * 7)")]), good)
+    _write_notebook(new_notebook(cells=[new_code_cell("1 / 0")]), bad)
+    before = bad.read_text()
+    assert run_notebooks.main(["good.ipynb"]) == 0
+    assert "42" in json.dumps(_read_notebook(good, as_version=4).cells[0].outputs)
+    assert run_notebooks.main(["bad.ipynb"]) == 2
+    assert "error: bad.ipynb: a cell failed" in capsys.readouterr().err
+    assert bad.read_text() == before
+    assert run_notebooks.main(["missing.ipynb"]) == 2

@@ -16,16 +16,17 @@ from train.config import PROJECT_ROOT, Settings
 START = "<!-- model-table:start -->"
 END = "<!-- model-table:end -->"
 HEADER = (
-    "| architecture | width | parameters | size (MB) | epochs | minutes | val accuracy "
-    "| test accuracy | machine | run |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    "| architecture | width | weights | train images | parameters | size (MB) | epochs | minutes "
+    "| val accuracy | test accuracy | machine | run |\n"
+    "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
 )
 
 
 def best_runs(settings: Settings) -> list[Run]:
-    """The best finished run (by the registry metric) of each architecture at each width."""
+    """The best finished run (by the registry metric) of each architecture, width and weights."""
     metric = settings.registry.metric
     runs = tracking.finished_runs(settings.tracking, settings.registry.max_runs)
-    best: dict[tuple[str, str], Run] = {}
+    best: dict[tuple[str, str, str], Run] = {}
     for run in runs:
         arch = run.data.tags.get("architecture")
         if (
@@ -34,7 +35,7 @@ def best_runs(settings: Settings) -> list[Run]:
             or "test_accuracy" not in run.data.metrics
         ):
             continue
-        key = (arch, run.data.params.get("model.width", "?"))
+        key = (arch, run.data.params.get("model.width", "?"), _weights(run))
         if key not in best or run.data.metrics[metric] > best[key].data.metrics[metric]:
             best[key] = run
     return sorted(best.values(), key=lambda r: -r.data.metrics["test_accuracy"])
@@ -44,16 +45,23 @@ def model_table(settings: Settings) -> str:
     """Markdown table, one row per architecture and width (base channels of the small CNNs)."""
     rows = [HEADER]
     for run in best_runs(settings):
-        m = run.data.metrics
+        m, params = run.data.metrics, run.data.params
+        train_size = params.get("train_size", "")
+        train_images = f"{int(train_size):,}" if train_size.isdigit() else "?"
         rows.append(
-            f"| {run.data.tags['architecture']} | {run.data.params.get('model.width', '?')} "
-            f"| {int(m.get('parameters', 0)):,} "
+            f"| {run.data.tags['architecture']} | {params.get('model.width', '?')} "
+            f"| {_weights(run)} | {train_images} | {int(m.get('parameters', 0)):,} "
             f"| {m.get('size_mb', 0):.2f} | {int(m.get('epochs_trained', 0))} "
             f"| {m.get('train_minutes', 0):.1f} | {100 * m[settings.registry.metric]:.2f}% "
             f"| {100 * m['test_accuracy']:.2f}% | {run.data.tags.get('machine', '?')} "
             f"| `{run.info.run_id[:8]}` |"
         )
     return "\n".join(rows)
+
+
+def _weights(run: Run) -> str:
+    """Where the run's starting weights came from: ``ImageNet`` or ``random``."""
+    return "ImageNet" if run.data.params.get("model.pretrained") == "True" else "random"
 
 
 def update_readme(table: str, readme: Path = PROJECT_ROOT / "README.md") -> bool:
