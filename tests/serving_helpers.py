@@ -14,12 +14,13 @@ import os
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from serving.launch import PROJECT_ROOT, ServeError, free_port, serve
+from serving.launch import LOOPBACK, PROJECT_ROOT, ServeError, free_port, serve
 from train.tiny import TINY_CLASSES, TINY_SPEC, import_tiny, tiny_model
 
 __all__ = [
@@ -108,3 +109,25 @@ def bentoml_serve(env: dict[str, str], log: Path) -> Iterator[str]:
         except ServeError as exc:
             pytest.fail(f"bentoml serve did not start: {exc}")
         yield url
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A stub server's request handler that keeps the test output clean."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def stub_http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` served on a free loopback port in a thread; yields the base URL."""
+    import threading
+
+    server = ThreadingHTTPServer((LOOPBACK, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{LOOPBACK}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

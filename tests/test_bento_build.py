@@ -14,10 +14,8 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ import yaml
 
 from serving import launch
 from tests.conftest import SESSION_STORE_PREFIX
+from tests.serving_helpers import QuietHandler, stub_http_server
 from train.tiny import import_tiny, tiny_model
 
 ROOT = launch.PROJECT_ROOT
@@ -142,24 +141,15 @@ def readyz_after() -> Iterator[tuple[str, list[int]]]:
     """A loopback server whose ``/readyz`` answers 503 twice, then 200; (URL, statuses sent)."""
     sent: list[int] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server calls it by this name)
             status = 200 if len(sent) >= 2 else 503
             sent.append(status)
             self.send_response(status if self.path == "/readyz" else 404)
             self.end_headers()
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer((launch.LOOPBACK, 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{launch.LOOPBACK}:{server.server_address[1]}", sent
-    finally:
-        server.shutdown()
-        server.server_close()
+    with stub_http_server(Handler) as url:
+        yield url, sent
 
 
 def test_wait_ready_polls_until_200(readyz_after: tuple[str, list[int]]) -> None:

@@ -14,11 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +36,17 @@ from common.prometheus import (
 from common.settings import SettingsError
 from scripts import monitoring
 from serving.launch import free_port
+from tests.serving_helpers import QuietHandler, stub_http_server
 from train.monitoring import render_prometheus_rules
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def check_with(*command: str) -> subprocess.CompletedProcess[str]:
+    """Run a Prometheus/Alertmanager config checker; it must accept the file."""
+    checked = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    return checked
 
 
 def tool(name: str) -> str:
@@ -91,22 +97,10 @@ def test_generated_configs_pass_promtool_and_amtool(tmp_path: Path) -> None:
     assert alertmanager["receivers"] == [
         {"name": "default", "webhook_configs": [{"url": "http://127.0.0.1:9/hook"}]}
     ]
-    checked = subprocess.run(
-        [tool("promtool"), "check", "config", str(files.prometheus)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    checked = check_with(tool("promtool"), "check", "config", str(files.prometheus))
     assert "SUCCESS: 4 rules found" in checked.stdout  # the rules file was loaded too
     assert "authorization" not in prometheus["scrape_configs"][0]
-    checked = subprocess.run(
-        [tool("amtool"), "check-config", str(files.alertmanager)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    check_with(tool("amtool"), "check-config", str(files.alertmanager))
 
 
 def test_a_protected_metrics_endpoint_gets_the_key_from_its_file(tmp_path: Path) -> None:
@@ -119,13 +113,7 @@ def test_a_protected_metrics_endpoint_gets_the_key_from_its_file(tmp_path: Path)
     (job,) = yaml.safe_load(files.prometheus.read_text())["scrape_configs"]
     assert job["authorization"] == {"type": "Bearer", "credentials_file": str(key)}
     assert all("k" * 32 not in path.read_text() for path in files.folder.glob("*.yml"))
-    checked = subprocess.run(
-        [tool("promtool"), "check", "config", str(files.prometheus)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    check_with(tool("promtool"), "check", "config", str(files.prometheus))
 
 
 # --------------------------------------------------------------------------- query_range
@@ -144,13 +132,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     (tmp_path / "queries.yml").write_text(
         yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]})
     )
-    checked = subprocess.run(
-        [tool("promtool"), "check", "rules", str(tmp_path / "queries.yml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    checked = check_with(tool("promtool"), "check", "rules", str(tmp_path / "queries.yml"))
     assert f"SUCCESS: {len(queries)} rules found" in checked.stdout
 
 
@@ -161,8 +143,8 @@ def stub_prometheus() -> Iterator[tuple[str, list[dict[str, list[str]]]]]:
 
     seen: list[dict[str, list[str]]] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server calls it by this name)
             params = parse_qs(urlparse(self.path).query)
             seen.append(params)
             query = params["query"][0]
@@ -185,17 +167,8 @@ def stub_prometheus() -> Iterator[tuple[str, list[dict[str, list[str]]]]]:
             self.end_headers()
             self.wfile.write(encoded)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with stub_http_server(Handler) as url:
+        yield url, seen
 
 
 def test_query_range_parses_series_and_sends_the_window(
