@@ -19,19 +19,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from common.preprocess import PreprocessSpec
+from common.preprocess import PreprocessSpec, Resample
 from serving.uploads import Upload
 
 if TYPE_CHECKING:
     from serving.runtime import ModelRuntime
-
-Resample = Literal["bilinear", "bicubic", "nearest", "lanczos", "box"]
 
 
 @dataclass(frozen=True)

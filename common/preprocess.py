@@ -28,6 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field
 ACCEPTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
 
 
+#: The filters that shrink (or grow) an image to the model's size.
+Resample = Literal["bilinear", "bicubic", "nearest", "lanczos", "box"]
+
+
 class PreprocessSpec(BaseModel):
     """What a model expects as input; travels with the model as metadata."""
 
@@ -40,7 +44,7 @@ class PreprocessSpec(BaseModel):
     background: int = Field(
         0, ge=0, le=255, description="Gray level that transparent pixels are flattened onto."
     )
-    resample: Literal["bilinear", "bicubic", "nearest", "lanczos", "box"] = "lanczos"
+    resample: Resample = "lanczos"
     input_layout: Literal["NCHW"] = "NCHW"
     input_scale: Literal["0-255"] = "0-255"
 

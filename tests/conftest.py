@@ -268,6 +268,17 @@ def make_settings(
     return make
 
 
+def image_folder_overrides(folder: Path) -> list[str]:
+    """``key=value`` settings that train on ``folder`` (the ``image_folder`` fixture's layout)."""
+    return [
+        "data.source=image_folder",
+        f"data.path={folder}",
+        "data.image_size=16",
+        "data.channels=3",
+        "data.val_fraction=0.25",
+    ]
+
+
 def cli_overrides(settings: Settings) -> list[str]:
     """``key=value`` arguments that point a CLI command at ``settings``' temporary stores and
     make its training run one quick epoch of a tiny model."""

@@ -14,7 +14,7 @@ import torch
 from loguru import logger
 from PIL import Image
 
-from tests.conftest import MakeSettings, cli_overrides
+from tests.conftest import MakeSettings, cli_overrides, image_folder_overrides
 from train.__main__ import main
 from train.config import DataConfig, load_settings
 from train.data import (
@@ -197,11 +197,7 @@ def test_fit_streams_an_image_folder_end_to_end(
     make_settings: MakeSettings, image_folder: Path
 ) -> None:
     settings = make_settings(
-        "data.source=image_folder",
-        f"data.path={image_folder}",
-        "data.image_size=16",
-        "data.channels=3",
-        "data.val_fraction=0.25",
+        *image_folder_overrides(image_folder),
         "data.loader=stream",
         "data.num_workers=2",
         "train.batch_size=4",

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import image_folder_overrides
 from train import tracking
 from train.config import Settings
 from train.data import DataError
@@ -70,13 +71,7 @@ def test_fit_logs_metrics_artifacts_and_model(make_settings: MakeSettings) -> No
 
 
 def test_fit_on_an_image_folder(make_settings: MakeSettings, image_folder: Path) -> None:
-    settings = make_settings(
-        "data.source=image_folder",
-        f"data.path={image_folder}",
-        "data.image_size=16",
-        "data.channels=3",
-        "data.val_fraction=0.25",
-    )
+    settings = make_settings(*image_folder_overrides(image_folder))
     outcome = run_fit(settings)
     info = mlflow.models.get_model_info(outcome.model_uri)
     classes, spec = spec_from_metadata(info.metadata)

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from common.preprocess import Resample
 from common.settings import (
     PROJECT_ROOT,
     SettingsError,
@@ -72,7 +73,7 @@ class DataConfig(_Section):
     split_seed: int = 42
     image_size: int = Field(28, ge=8, le=512, description="ImageFolder images are resized to this.")
     channels: Literal[1, 3] = 1
-    resample: Literal["bilinear", "bicubic", "nearest", "lanczos", "box"] = Field(
+    resample: Resample = Field(
         "lanczos", description="Filter that shrinks images to image_size, in training and serving."
     )
     limit_per_class: int | None = Field(None, ge=1, description="Subsample for quick runs.")

@@ -573,6 +573,13 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
     client = MlflowClient()
     try:
         model_version = client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ExportError(f"cannot load {uri}: {exc.message}") from exc
+    # Before loading anything: an import of a model already in the store loads nothing.
+    existing = reuse_or_copy(name, version, model_version.run_id or "", alias, settings.export)
+    if existing is not None:
+        return existing
+    try:
         info = mlflow.models.get_model_info(uri)
         model = load_torch_model(uri)
     except MlflowException as exc:
@@ -586,9 +593,6 @@ def import_champion(settings: Settings, model_uri: str | None = None) -> bentoml
         )
     spec = PreprocessSpec.model_validate(metadata["preprocess"])
     run_id = model_version.run_id or info.run_id or ""
-    existing = reuse_or_copy(name, version, run_id, alias, settings.export)
-    if existing is not None:
-        return existing
     run = client.get_run(run_id) if run_id else None
     lineage: dict[str, Any] = {
         "registered_name": name,
