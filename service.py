@@ -1,8 +1,8 @@
 """The BentoML service: ``POST /predict``, ``POST /batch_predict`` and ``GET /model`` on the champion.
 
 An upload passes :class:`serving.gate.UploadGate` (API key, body limit, multipart, decode; every
-client mistake a 4xx JSON answer), is batched by BentoML's adaptive batcher into one call of the
-API below, and runs on ONNX Runtime (:mod:`serving.runtime`). Settings: ``configs/serving.yaml``
+client mistake a 4xx JSON answer), joins the requests that arrived while the model was busy
+(:mod:`serving.batching`), and runs on ONNX Runtime in one call with them (:mod:`serving.runtime`). Settings: ``configs/serving.yaml``
 with ``FASHION_SERVE_SERVING__KEY`` overrides. Serving never imports torch or MLflow.
 """
 
@@ -21,8 +21,9 @@ from numpy.typing import NDArray
 from common.alerts import load_alert_settings
 from common.drift import DriftMonitor, Reference
 from common.model_format import REFERENCE_FILE
+from serving.balance import ConnectionBalance
 from serving.gate import ApiKeyGuard, UploadGate
-from serving.lineage import batch_costs, model_info, served_tag
+from serving.lineage import model_info, served_tag
 from serving.openapi import service_document
 from serving.runtime import ModelRuntime
 from serving.schema import (
@@ -38,8 +39,6 @@ from serving.telemetry import PredictionRecorder, configure_logging, service_met
 SETTINGS = load_serving_settings()
 ALERTS = load_alert_settings()
 SERVED_TAG = served_tag(SETTINGS)
-# The model's measured cost per image by batch size caps adaptive batching (serving.settings).
-BATCH_COSTS = batch_costs(SERVED_TAG)
 # `bentoml serve` imports this module before it spawns the workers, so they inherit the cap on
 # glibc's malloc arenas (flat memory under load, docs/soak.md); an explicit environment wins.
 if SETTINGS.malloc_arena_max is not None:
@@ -67,6 +66,13 @@ class Classifier:
         stored = cast(bentoml.Model, self.model_ref)
         self.runtime = ModelRuntime.from_bento_model(stored, SETTINGS)
         self.lineage = model_info(stored)  # GET /model (serving.gate)
+        # BentoML gives each `bentoml serve` its own PROMETHEUS_MULTIPROC_DIR, shared by its workers.
+        self.balance = ConnectionBalance.for_worker(
+            os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+            SETTINGS.workers,
+            bentoml.server_context.worker_index,
+            SETTINGS.connection_balance_margin,
+        )
         self.recorder = PredictionRecorder(
             service_metrics(),
             prediction_data=SETTINGS.logging.predictions.enabled,
@@ -93,23 +99,15 @@ class Classifier:
             gc.collect()
             gc.freeze()
 
-    @bentoml.api(  # type: ignore[untyped-decorator]
-        **SETTINGS.predict.api_options(BATCH_COSTS, SETTINGS.batch_cost_tolerance),
-        input_spec=PredictInput,
-        output_spec=PredictOutput,
-    )
+    @bentoml.api(input_spec=PredictInput, output_spec=PredictOutput)  # type: ignore[untyped-decorator]
     async def predict(self, image: NDArray[np.float32]) -> list[Prediction]:
         """Classify one image (multipart file field ``image``); concurrent calls are batched."""
-        return await self.runtime.predict_async(image)
+        return await self.runtime.batchers["predict"](image)
 
-    @bentoml.api(  # type: ignore[untyped-decorator]
-        **SETTINGS.batch_predict.api_options(BATCH_COSTS, SETTINGS.batch_cost_tolerance),
-        input_spec=BatchPredictInput,
-        output_spec=BatchPredictOutput,
-    )
+    @bentoml.api(input_spec=BatchPredictInput, output_spec=BatchPredictOutput)  # type: ignore[untyped-decorator]
     async def batch_predict(self, images: NDArray[np.float32]) -> list[Prediction]:
         """Classify several images (repeated multipart file field ``images``), in order."""
-        return await self.runtime.predict_async(images)
+        return await self.runtime.batchers["batch_predict"](images)
 
 
 # The decorator made Classifier a bentoml.Service, which mypy cannot see. The guard is built

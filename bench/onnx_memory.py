@@ -50,7 +50,7 @@ def session(onnx_path: Path, pattern: bool) -> Any:
     settings = service.SETTINGS.model_copy(update={"onnx_memory_pattern": pattern})
     return ort.InferenceSession(
         str(onnx_path),
-        sess_options=onnx_session_options(settings),
+        sess_options=onnx_session_options(settings, settings.predict.max_batch_size),
         providers=["CPUExecutionProvider"],
     )
 

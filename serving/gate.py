@@ -3,7 +3,7 @@
 Follow an upload from here to the model: :class:`ApiKeyGuard` checks the optional API key (401
 before the body is read); :mod:`serving.uploads` reads the body within its limit and keeps the
 uploaded files; :meth:`serving.runtime.ModelRuntime.prepare` decodes them into model input; the
-pixels go to BentoML's adaptive batcher (:func:`serving.bentoml_bridge.find_api_call`), which runs
+pixels go to the API's adaptive batcher (:mod:`serving.batching`), which runs
 :meth:`serving.runtime.ModelRuntime.predict`; the gate writes the JSON answer, the metrics, the
 request log line and the prediction data (:mod:`serving.telemetry`). ``GET /model`` answers the
 loaded model's lineage (:func:`serving.lineage.model_info`). Every client mistake ends
@@ -24,12 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 import bentoml
-from bentoml.exceptions import BentoMLException
 from loguru import logger
 
-from serving.bentoml_bridge import ApiCall, find_api_call
 from serving.schema import (
-    EXCHANGE,
     BadInputError,
     ErrorBody,
     Exchange,
@@ -37,16 +34,21 @@ from serving.schema import (
     prediction_body,
 )
 from serving.settings import AuthSettings, ServingConfigError
-from serving.telemetry import REQUEST_LOG, PredictionRecorder, service_metrics
+from serving.telemetry import REQUEST_LOG, PredictionRecorder
 from serving.uploads import parse_multipart, read_body, select_files
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+    from serving.balance import ConnectionBalance
+    from serving.batching import Batcher
     from serving.runtime import ModelRuntime
 
-#: The gate's routes: their multipart field, and whether the answer is one object.
-ROUTES = {"/predict": ("image", True), "/batch_predict": ("images", False)}
+#: The gate's routes: their API (and batcher), multipart field, and whether the answer is one object.
+ROUTES = {
+    "/predict": ("predict", "image", True),
+    "/batch_predict": ("batch_predict", "images", False),
+}
 #: ``GET`` answers the loaded model's lineage (:class:`serving.schema.ModelInfo`).
 MODEL_PATH = "/model"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -109,19 +111,6 @@ class ApiKeyGuard:
                 f"missing or wrong API key: send it in the {self.header.decode()} header "
                 "(or Authorization: Bearer)",
             )
-
-
-def service_error(status: int, message: str) -> BadInputError:
-    """The answer to a failed model call (a BentoML error's status; 500 for anything else).
-
-    503 is BentoML's batcher shedding load (kind ``overloaded``); any other 5xx is a 500
-    ``server_error`` with its details only in the server log; a 4xx keeps ``http_<status>``.
-    """
-    if status == 503:
-        return BadInputError(503, "overloaded", message or "the service is overloaded")
-    if status >= 500:
-        return BadInputError(500, "server_error", "an unexpected error, see the server log")
-    return BadInputError(status, f"http_{status}", message)
 
 
 async def send_json(
@@ -206,7 +195,6 @@ class UploadGate:
         self.app = app
         self.guard = guard
         self.openapi = openapi
-        self._calls: dict[str, ApiCall | None] = {}
         self._document: bytes | None = None
 
     async def send_document(self, method: str, send: Send) -> None:
@@ -216,52 +204,20 @@ class UploadGate:
             self._document = json.dumps(self.openapi(self.guard.paths)).encode()
         await send_json(send, 200, self._document, method=method)
 
-    def api_call(self, scope: Scope, endpoint: str) -> ApiCall | None:
-        """The direct call for ``endpoint`` (looked up once; see :func:`find_api_call`)."""
-        if endpoint not in self._calls:
-            self._calls[endpoint] = find_api_call(scope.get("app"), endpoint.lstrip("/"))
-        return self._calls[endpoint]
-
-    def report_request_path(self, scope: Scope) -> str:
-        """Look the direct calls up, then log and export which path requests take."""
-        found = [self.api_call(scope, endpoint) is not None for endpoint in ROUTES]
-        path = "direct" if all(found) else "endpoint"
-        gauge = service_metrics().request_path
-        gauge.labels(path=path).set(1)
-        gauge.labels(path="endpoint" if path == "direct" else "direct").set(0)
-        log = logger.bind(logger="fashion_serve", request_path=path)
-        if path == "direct":
-            log.info("requests go straight to BentoML's batcher (request path: direct)")
-        else:
-            log.warning(
-                "BentoML's app layout is not the one serving.bentoml_bridge knows: requests take "
-                "BentoML's full endpoint (request path: endpoint), slower but correct"
-            )
-        return path
-
-    def _report_after_startup(self, scope: Scope, send: Send) -> Send:
-        # After start-up the service instance exists and logging is configured.
-        async def send_and_report(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete":
-                self.report_request_path(scope)
-            await send(message)
-
-        return send_and_report
-
     async def answer(
-        self, call: ApiCall, exchange: Exchange, single: bool, send: Send
+        self, batcher: Batcher, exchange: Exchange, single: bool, send: Send
     ) -> BadInputError | None:
-        """Run the API on the parsed pixels and send its JSON; the error sent, if any."""
+        """Run the API's batcher on the parsed pixels and send its JSON; the error sent, if any."""
         error = None
         try:
-            exchange.predictions = await call(exchange.pixels)
-        except BentoMLException as exc:
-            error = service_error(exc.error_code.value, str(exc))
-        except Exception:  # noqa: BLE001 - the edge: answer 500 and log, as BentoML would
+            exchange.predictions = await batcher(exchange.pixels)
+        except BadInputError as exc:  # 503 overloaded
+            error = exc
+        except Exception:  # noqa: BLE001 - the edge: answer 500, details only in the log
             logger.bind(logger="fashion_serve", request_id=exchange.request_id).exception(
                 "{} failed", exchange.endpoint
             )
-            error = service_error(500, "")
+            error = BadInputError(500, "server_error", "an unexpected error, see the server log")
         if error is None:
             await send_json(send, 200, prediction_body(exchange.predictions, single))
         else:
@@ -282,14 +238,11 @@ class UploadGate:
         await send_json(send, 200, lineage.model_dump_json().encode(), method=scope["method"])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Parse and validate the upload, run the API on it (BentoML's batcher), log it.
+        """Parse and validate the upload, run the API's batcher on it, answer, log it.
 
-        Without a direct call (see :func:`find_api_call`) the pixels go to BentoML's endpoint.
-        ``GET /model`` is answered here too (:meth:`model`).
+        ``GET /model`` and ``GET /docs.json`` are answered here too; every other route goes to
+        BentoML's app.
         """
-        if scope["type"] == "lifespan":
-            await self.app(scope, receive, self._report_after_startup(scope, send))
-            return
         if scope["type"] == "http" and scope.get("path") == MODEL_PATH:
             await self.model(scope, send)
             return
@@ -322,20 +275,22 @@ class UploadGate:
         request_id = incoming_id if _REQUEST_ID.match(incoming_id) else uuid.uuid4().hex
         status = 500
 
+        current = bentoml.get_current_service()
+        runtime: ModelRuntime = current.runtime
+        recorder: PredictionRecorder = current.recorder
+        balance: ConnectionBalance | None = current.balance
+
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                if balance is not None and balance.should_close(scope.get("client")):
+                    headers.append((b"connection", b"close"))  # reconnect to a freer worker
+                message["headers"] = headers
             await send(message)
 
-        current = bentoml.get_current_service()
-        runtime: ModelRuntime = current.runtime
-        recorder: PredictionRecorder = current.recorder
-        field_name, single = route
+        api, field_name, single = route
         exchange: Exchange | None = None
         error: BadInputError | None = None
         try:
@@ -353,17 +308,9 @@ class UploadGate:
         except BadInputError as exc:
             error = exc
             await send_error(send_with_id, exc)
-        call = self.api_call(scope, endpoint) if exchange is not None else None
         if exchange is not None:
             exchange.handed = time.perf_counter()
-        if exchange is not None and call is not None:
-            error = await self.answer(call, exchange, single, send_with_id)
-        elif exchange is not None:
-            token = EXCHANGE.set(exchange)
-            try:
-                await self.app(scope, receive, send_with_id)
-            finally:
-                EXCHANGE.reset(token)
+            error = await self.answer(runtime.batchers[api], exchange, single, send_with_id)
         latency = time.perf_counter() - started
         kind = error.kind if error else (f"http_{status}" if status >= 400 else None)
         if kind is not None:

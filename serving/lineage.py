@@ -16,7 +16,7 @@ BentoML resolves (``BENTOML_HOME``, or a bento's own store inside a container).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import bentoml
@@ -120,6 +120,11 @@ def batch_costs(tag: str) -> dict[int, float] | None:
         metadata = bentoml.models.get(tag).info.metadata
     except NotFound:
         return None
+    return profiled_costs(metadata)
+
+
+def profiled_costs(metadata: Mapping[str, Any]) -> dict[int, float] | None:
+    """The batch profile in a stored model's metadata: milliseconds per image by batch size."""
     profile = cast(dict[str, Any], metadata.get(BATCH_PROFILE) or {})
     costs = cast(dict[str, float], profile.get("ms_per_image") or {})
     return {int(size): float(cost) for size, cost in costs.items()} or None

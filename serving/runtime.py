@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
-import anyio.to_thread
 import bentoml
 import numpy as np
 from numpy.typing import NDArray
 
 from common import preprocess
 from common.model_format import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
+from serving.batching import Batcher
+from serving.lineage import profiled_costs
 from serving.schema import DECODE_STATUS, BadInputError, Prediction
 from serving.settings import ServingConfigError, ServingSettings
 from serving.telemetry import service_metrics
@@ -28,8 +29,12 @@ if TYPE_CHECKING:
 Logits = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 
 
-def onnx_session_options(settings: ServingSettings) -> ort.SessionOptions:
-    """ONNX Runtime's session options from the serving settings."""
+def onnx_session_options(settings: ServingSettings, largest_batch: int) -> ort.SessionOptions:
+    """ONNX Runtime's session options from the serving settings.
+
+    ``largest_batch``: the most images the service puts in one call (``onnx_memory_pattern:
+    auto`` keeps per-shape memory plans only when there are few shapes).
+    """
     # Imported here, in the worker: `bentoml serve`'s arbiter imports this module too, only to
     # read the service definition, and every 0.1 s of import there is cold start.
     import onnxruntime as ort
@@ -37,17 +42,17 @@ def onnx_session_options(settings: ServingSettings) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.onnx_intra_op_threads
     options.inter_op_num_threads = settings.onnx_inter_op_threads
-    options.enable_mem_pattern = settings.onnx_memory_pattern
+    options.enable_mem_pattern = settings.memory_pattern_for(largest_batch)
     return options
 
 
-def onnx_logits(onnx_path: Path, settings: ServingSettings) -> Logits:
+def onnx_logits(onnx_path: Path, settings: ServingSettings, largest_batch: int) -> Logits:
     """An ONNX Runtime session on the CPU, as a function from pixels to logits."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(
         str(onnx_path),
-        sess_options=onnx_session_options(settings),
+        sess_options=onnx_session_options(settings, largest_batch),
         providers=["CPUExecutionProvider"],
     )
 
@@ -88,23 +93,45 @@ class ModelRuntime:
         class_names: Sequence[str],
         spec: preprocess.PreprocessSpec,
         settings: ServingSettings,
+        ms_per_image: Mapping[int, float] | None = None,
     ) -> None:
+        """``ms_per_image``: the model's cost per image by batch size, measured at import."""
+        tolerance = settings.batch_cost_tolerance
+        endpoints = {"predict": settings.predict, "batch_predict": settings.batch_predict}
+        sizes = {
+            name: batching.batch_size_for(ms_per_image, tolerance)
+            for name, batching in endpoints.items()
+        }
         if settings.backend == "torch":
             if settings.torch_model_path is None:
                 raise ServingConfigError("backend torch needs torch_model_path")
             self.logits = torch_logits(settings.torch_model_path, settings)
         else:
-            self.logits = onnx_logits(onnx_path, settings)
+            self.logits = onnx_logits(onnx_path, settings, max(sizes.values()))
         self.backend = settings.backend
         self.class_names = list(class_names)
         self.spec = spec
         self.limits = settings.limits
-        self.inline_max = settings.inline_infer_max_images
         self.metrics = service_metrics()
-        # Only batches that fit this many run inline; the rest go to a thread, one at a time.
-        self._thread_limiter = anyio.CapacityLimiter(settings.threads)
-        # The first run allocates; do it before the first request.
+        # The first run allocates; do it before the first request, and time the second.
         self.logits(self.blank(1))
+        started = time.perf_counter()
+        self.logits(self.blank(1))
+        measured_ms = (time.perf_counter() - started) * 1000
+        # Batches too big to run on the event loop go to a thread, `threads` at a time.
+        limiter = anyio.CapacityLimiter(settings.threads)
+        #: The adaptive batcher of each API (``predict``, ``batch_predict``).
+        self.batchers = {
+            name: Batcher(
+                self.predict,
+                max_batch_size=sizes[name],
+                max_latency_ms=batching.max_latency_ms,
+                inline_max=settings.inline_infer_max_images,
+                ms_per_image=(ms_per_image or {}).get(sizes[name], measured_ms),
+                limiter=limiter,
+            )
+            for name, batching in endpoints.items()
+        }
 
     @classmethod
     def from_bento_model(cls, model: bentoml.Model, settings: ServingSettings) -> ModelRuntime:
@@ -115,6 +142,7 @@ class ModelRuntime:
             [str(name) for name in cast(list[Any], metadata["class_names"])],
             preprocess.PreprocessSpec.model_validate(metadata["preprocess"]),
             settings,
+            profiled_costs(metadata),
         )
 
     def blank(self, count: int) -> NDArray[np.float32]:
@@ -197,14 +225,3 @@ class ModelRuntime:
             if count:
                 self.metrics.predictions.labels(label=names[class_id]).inc(count)
         return predictions
-
-    async def predict_async(self, pixels: NDArray[np.float32]) -> list[Prediction]:
-        """:meth:`predict` inline for small batches, in a worker thread for large ones.
-
-        A thread hop costs a GIL hand-over and a loop wake-up each way, more than a small model
-        call; a large batch runs in the thread, where the model releases the GIL and the event
-        loop goes on parsing the next requests.
-        """
-        if len(pixels) <= self.inline_max:
-            return self.predict(pixels)
-        return await anyio.to_thread.run_sync(self.predict, pixels, limiter=self._thread_limiter)

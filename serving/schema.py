@@ -6,14 +6,12 @@ the upload gate (:mod:`serving.gate`) parses every request and writes every resp
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
 from numpy.typing import NDArray
 from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter
@@ -85,20 +83,7 @@ class Exchange:
     pixels: NDArray[np.float32]
     sizes: list[tuple[int, int]]
     predictions: list[Prediction] = field(default_factory=list)
-    handed: float = 0.0  # perf_counter() when the gate handed the request to BentoML
-
-
-EXCHANGE: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar(
-    "fashion_serve_exchange", default=None
-)
-
-
-def _current_pixels() -> NDArray[np.float32]:
-    exchange = EXCHANGE.get()
-    if exchange is None:
-        # Only reachable if a route is served without the gate (a wiring mistake).
-        raise InvalidArgument("images must be uploaded as multipart/form-data files")
-    return exchange.pixels
+    handed: float = 0.0  # perf_counter() when the gate handed the pixels to the batcher
 
 
 _PREDICTIONS_JSON = TypeAdapter(list[Prediction])
@@ -111,13 +96,8 @@ def prediction_body(predictions: Sequence[Prediction], single: bool) -> bytes:
     return _PREDICTIONS_JSON.dump_json(list(predictions))
 
 
-def _recorded_body(predictions: Sequence[Prediction], single: bool) -> Response:
-    # The fallback path (BentoML's own endpoint): keep what was answered for the gate's log.
-    exchange = EXCHANGE.get()
-    if exchange is not None:
-        exchange.predictions = list(predictions)
-    # One complete body: BentoML's streaming response sends an extra empty body message, and
-    # every message passes five send wrappers.
+def _json_response(predictions: Sequence[Prediction], single: bool) -> Response:
+    # One complete body: BentoML's streaming response sends an extra empty body message.
     return Response(content=prediction_body(predictions, single), media_type="application/json")
 
 
@@ -128,11 +108,6 @@ class PredictInput(GateFedInput):
         description="PNG, JPEG, WebP, BMP, GIF or TIFF bytes (format read from the bytes)."
     )
 
-    @classmethod
-    def from_gate(cls) -> dict[str, Any]:
-        """The pixels the gate prepared."""
-        return {"image": _current_pixels()}
-
 
 class BatchPredictInput(GateFedInput):
     """``multipart/form-data`` with image files in repeated field ``images``."""
@@ -141,11 +116,6 @@ class BatchPredictInput(GateFedInput):
         min_length=1, description="Image files; answers come back in this order."
     )
 
-    @classmethod
-    def from_gate(cls) -> dict[str, Any]:
-        """The pixels the gate prepared."""
-        return {"images": _current_pixels()}
-
 
 class PredictOutput(JsonObjectOutput, Prediction):
     """The prediction for the one image."""
@@ -153,7 +123,7 @@ class PredictOutput(JsonObjectOutput, Prediction):
     @classmethod
     def render(cls, obj: Any) -> Response:
         """The batched result (a list of one) as a single JSON object."""
-        return _recorded_body(obj, single=True)
+        return _json_response(obj, single=True)
 
 
 class BatchPredictOutput(JsonArrayOutput[list[Prediction]]):
@@ -162,4 +132,4 @@ class BatchPredictOutput(JsonArrayOutput[list[Prediction]]):
     @classmethod
     def render(cls, obj: Any) -> Response:
         """The list of predictions as a JSON array."""
-        return _recorded_body(obj, single=False)
+        return _json_response(obj, single=False)

@@ -71,7 +71,7 @@ class BatchingSettings(_Strict):
         ge=1, description="Most images in one model call (1 turns batching off, for benchmarks)."
     )
     max_latency_ms: int = Field(
-        gt=0, description="Queue wait + estimated batch time after which BentoML answers 503."
+        gt=0, description="Estimated queue wait after which the service answers 503 overloaded."
     )
 
     fit_to_model: bool = Field(
@@ -94,19 +94,6 @@ class BatchingSettings(_Strict):
             return self.max_batch_size
         cheapest = min(sizes.values())
         return max(size for size, cost in sizes.items() if cost <= cheapest * (1 + tolerance))
-
-    def api_options(
-        self, ms_per_image: Mapping[int, float] | None = None, tolerance: float = 0.0
-    ) -> dict[str, object]:
-        """``@bentoml.api`` arguments: adaptive batching, or none when the batch size is 1.
-
-        BentoML refuses a batch size of 1; without ``batchable`` every request is one model call
-        (the "batching off" benchmark), with the same input and output as when batched.
-        """
-        size = self.batch_size_for(ms_per_image, tolerance)
-        if size == 1:
-            return {"batchable": False}
-        return {"batchable": True, "max_batch_size": size, "max_latency_ms": self.max_latency_ms}
 
 
 class LimitSettings(_Strict):
@@ -159,11 +146,14 @@ class ServingSettings(_Strict):
     threads: int = Field(ge=1)
     onnx_intra_op_threads: int = Field(ge=1)
     onnx_inter_op_threads: int = Field(ge=1)
-    onnx_memory_pattern: bool = Field(
-        False,
+    onnx_memory_pattern: bool | Literal["auto"] = Field(
+        "auto",
         description="ONNX Runtime's per-input-shape memory plan cache (enable_mem_pattern). "
-        "Adaptive batching sends up to max_batch_size distinct shapes, so it grows for as long "
-        "as new batch sizes turn up; off costs no measurable speed (docs/soak.md).",
+        "Every batch size is a new shape and the cache grows for as long as new sizes turn up; "
+        "auto keeps it only when the largest batch is at most memory_pattern_max_batch.",
+    )
+    memory_pattern_max_batch: int = Field(
+        8, ge=1, description="onnx_memory_pattern auto: the most batch sizes worth a plan each."
     )
     backend: Literal["onnx", "torch"] = Field(
         "onnx", description="onnx (the product) or torch (eager, for benchmarks; needs torch)."
@@ -177,6 +167,13 @@ class ServingSettings(_Strict):
         ge=0,
         description="Batches up to this size run on the event loop (no thread hop); larger in a "
         "worker thread so request parsing goes on meanwhile.",
+    )
+    connection_balance_margin: int = Field(
+        2,
+        ge=0,
+        description="A worker with this many more requests in flight than the least busy "
+        "worker closes the connection after answering, so the client reconnects to a freer one "
+        "(serving.balance); 0 = off.",
     )
     predict: BatchingSettings
     batch_predict: BatchingSettings
@@ -211,6 +208,12 @@ class ServingSettings(_Strict):
         description="Container base image for `bentoml build` (python3 and uv inside); "
         "None = BentoML's standard image for bentofile.yaml's python version.",
     )
+
+    def memory_pattern_for(self, largest_batch: int) -> bool:
+        """Whether ONNX Runtime keeps a memory plan per batch size, for batches up to this many."""
+        if self.onnx_memory_pattern == "auto":
+            return largest_batch <= self.memory_pattern_max_batch
+        return self.onnx_memory_pattern
 
 
 def load_serving_settings(

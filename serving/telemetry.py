@@ -53,7 +53,6 @@ class ServiceMetrics:
     requests: prometheus_client.Counter
     request_seconds: prometheus_client.Histogram
     drift_psi: prometheus_client.Gauge
-    request_path: prometheus_client.Gauge
 
 
 @functools.cache
@@ -112,13 +111,6 @@ def service_metrics() -> ServiceMetrics:
             "fashion_serve_drift_psi",
             "PSI of recent predictions against the model's validation reference, by feature.",
             ["feature"],
-            multiprocess_mode="livemax",
-        ),
-        request_path=prom.Gauge(
-            "fashion_serve_request_path",
-            "1 for the way the gate reaches the API: direct (BentoML's batcher, the fast path) or "
-            "endpoint (BentoML's full request path, when its internal layout has changed).",
-            ["path"],
             multiprocess_mode="livemax",
         ),
     )

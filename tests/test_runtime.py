@@ -1,18 +1,14 @@
-"""The model at serving time: inline vs threaded batches, torch backend, per-file errors (serving/runtime.py)."""
+"""The model at serving time: torch backend, per-file errors (serving/runtime.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import io
-import threading
 from pathlib import Path
 from typing import Any
 
 import bentoml
-import numpy as np
 import pytest
 import torch
-from numpy.typing import NDArray
 from PIL import Image
 
 import service
@@ -36,26 +32,6 @@ from tests.serving_fixtures import svc as svc
 from tests.serving_fixtures import tiny_model as tiny_model
 
 SPEC = serving_helpers.TINY_SPEC
-
-
-def test_small_batches_run_inline_large_ones_in_a_thread(
-    svc: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    runtime: ModelRuntime = svc.runtime
-    pixels = runtime.blank(3)
-    threads: list[str] = []
-    real = runtime.logits
-
-    def spy(batch: NDArray[np.float32]) -> NDArray[np.float32]:
-        threads.append(threading.current_thread().name)
-        return real(batch)
-
-    monkeypatch.setattr(runtime, "logits", spy)
-    for inline_max in (3, 2):
-        monkeypatch.setattr(runtime, "inline_max", inline_max)
-        assert len(asyncio.run(runtime.predict_async(pixels))) == 3
-    main = threading.main_thread().name
-    assert threads[0] == main and threads[1] != main
 
 
 def test_torch_backend_matches_onnx(

@@ -26,16 +26,16 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from bentoml.exceptions import InternalServerError, InvalidArgument, NotFound, ServiceUnavailable
+from bentoml.exceptions import InvalidArgument
 from numpy.typing import NDArray
 from starlette.testclient import TestClient
 
 import service
 from serving import gate
-from serving.gate import UploadGate
 from serving.runtime import ModelRuntime
 from serving.schema import (
     DECODE_STATUS,
+    BadInputError,
     BatchPredictInput,
     PredictInput,
     Prediction,
@@ -360,13 +360,13 @@ def test_request_id_is_echoed(client: Any) -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["x-request-id"])
 
 
-# --------------------------------------------------------------------------- the gate's direct call
+# --------------------------------------------------------------------------- the gate and the batcher
 
 
-def test_gate_calls_the_api_without_bentomls_request_path(
+def test_gate_answers_through_the_batcher_not_bentomls_endpoint(
     inprocess: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The gate answers through BentoML's batcher; the IO descriptors are not on the path."""
+    """The gate hands the pixels to the API's batcher; BentoML's IO descriptors are not on the path."""
 
     def not_on_the_path(cls: Any, request: Any, serde: Any) -> Any:
         raise AssertionError("BentoML's endpoint parsed a request the gate had answered")
@@ -380,27 +380,12 @@ def test_gate_calls_the_api_without_bentomls_request_path(
     assert [p["class_id"] for p in batch.json()] == [response.json()["class_id"]] * 2
 
 
-def test_gate_falls_back_to_bentomls_endpoint(
-    inprocess: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Without a direct call (another BentoML layout) the full endpoint gives the same answers."""
-    direct = inprocess.post("/predict", **one("image", PNG)).json()
-    direct_batch = inprocess.post("/batch_predict", files=[("images", ("a", JPEG, "image/jpeg"))])
-    monkeypatch.setattr(UploadGate, "api_call", lambda self, scope, endpoint: None)
-    fallback = inprocess.post("/predict", **one("image", PNG))
-    assert fallback.status_code == 200, fallback.text
-    assert fallback.json() == direct
-    batch = inprocess.post("/batch_predict", files=[("images", ("a", JPEG, "image/jpeg"))])
-    assert batch.json() == direct_batch.json()
-
-
 @pytest.mark.parametrize(
     ("raised", "status", "kind", "hidden"),
     [
-        (ServiceUnavailable("process is overloaded"), 503, "overloaded", None),
+        (BadInputError(503, "overloaded", "the service is overloaded"), 503, "overloaded", None),
         (RuntimeError("secret /internal/path"), 500, "server_error", "secret"),
-        (InternalServerError("secret state"), 500, "server_error", "secret"),
-        (NotFound("no such thing"), 404, "http_404", None),
+        (ValueError("secret state"), 500, "server_error", "secret"),
     ],
 )
 def test_gate_answers_model_call_failures_as_json(
@@ -414,7 +399,8 @@ def test_gate_answers_model_call_failures_as_json(
     async def failing(pixels: NDArray[np.float32]) -> list[Prediction]:
         raise raised
 
-    monkeypatch.setattr(UploadGate, "api_call", lambda self, scope, endpoint: failing)
+    runtime: ModelRuntime = bentoml.get_current_service().runtime
+    monkeypatch.setitem(runtime.batchers, "predict", failing)
     response = inprocess.post("/predict", **one("image", PNG))
     assert response.status_code == status
     assert response.json()["kind"] == kind
@@ -456,13 +442,6 @@ def test_health_docs_and_metrics(served: Served, http: httpx.Client) -> None:
     assert re.search(
         r'fashion_serve_errors_total\{endpoint="/predict",kind="empty"\} [1-9]', metrics
     )
-    # The gate found BentoML's batcher at start-up, logged it and exports it.
-    assert metric(metrics, "fashion_serve_request_path", 'path="direct"') == 1
-    started = [
-        json.loads(line) for line in served.log.read_text().splitlines() if '"request_path"' in line
-    ]
-    assert [line["request_path"] for line in started] == ["direct"]
-    assert metric(metrics, "fashion_serve_request_path", 'path="endpoint"') == 0
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
@@ -503,10 +482,6 @@ def test_concurrent_predicts_are_batched_without_503(served: Served, http: httpx
     assert images == requests
     assert batches < requests, "no /predict requests were batched together"
     assert batches - singles >= 1
-    bentoml_batches = 'method_name="predict"'
-    assert metric(after, "bentoml_service_adaptive_batch_size_sum", bentoml_batches) > metric(
-        after, "bentoml_service_adaptive_batch_size_count", bentoml_batches
-    )
 
 
 def test_json_request_log_without_image_bytes(served: Served, http: httpx.Client) -> None:
@@ -716,3 +691,27 @@ def test_serving_does_not_import_torch_or_mlflow(bento_home: Path) -> None:
     )
     env = {**os.environ, "BENTOML_HOME": str(bento_home)}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=120)
+
+
+def test_a_busier_worker_asks_the_client_to_reconnect(
+    inprocess: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate adds ``Connection: close`` when the balance says this worker has too many."""
+
+    class Crowded:
+        def __init__(self, close: bool) -> None:
+            self.close = close
+            self.clients: list[Any] = []
+
+        def should_close(self, client: Any) -> bool:
+            self.clients.append(client)
+            return self.close
+
+    current = bentoml.get_current_service()
+    for close in (True, False):
+        crowded = Crowded(close)
+        monkeypatch.setattr(current, "balance", crowded, raising=False)
+        response = inprocess.post("/predict", **one("image", PNG))
+        assert response.status_code == 200
+        assert (response.headers.get("connection") == "close") is close
+        assert len(crowded.clients) == 1

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import bentoml
 import pytest
 
-import service
 from serving.bentoml_bridge import model_store_at
 from serving.lineage import batch_costs
-from serving.runtime import onnx_session_options
+from serving.runtime import ModelRuntime, onnx_session_options
 from serving.settings import (
     BatchingSettings,
     ServingConfigError,
@@ -87,16 +86,22 @@ def test_settings_file_and_env_overrides(tmp_path: Path) -> None:
             load_serving_settings(path, environ=environ)
 
 
-def test_onnx_memory_pattern_is_off_unless_configured() -> None:
-    """Per-shape memory plans grow with every new batch size; the default turns them off."""
+def test_onnx_memory_pattern_only_for_few_batch_sizes() -> None:
+    """Per-shape memory plans grow with every new batch size: auto keeps them for few sizes."""
     config = ROOT / "configs" / "serving.yaml"
     default = load_serving_settings(config, environ={})
-    assert onnx_session_options(default).enable_mem_pattern is False
-    assert default.onnx_intra_op_threads == onnx_session_options(default).intra_op_num_threads
-    turned_on = load_serving_settings(
-        config, environ={"FASHION_SERVE_SERVING__ONNX_MEMORY_PATTERN": "true"}
-    )
-    assert onnx_session_options(turned_on).enable_mem_pattern is True
+    assert default.onnx_memory_pattern == "auto"
+    assert onnx_session_options(default, 64).enable_mem_pattern is False
+    small = default.memory_pattern_max_batch
+    assert onnx_session_options(default, small).enable_mem_pattern is True
+    assert onnx_session_options(default, small + 1).enable_mem_pattern is False
+    assert default.onnx_intra_op_threads == onnx_session_options(default, 1).intra_op_num_threads
+    for value, expected in (("true", True), ("false", False)):
+        pinned = load_serving_settings(
+            config, environ={"FASHION_SERVE_SERVING__ONNX_MEMORY_PATTERN": value}
+        )
+        assert onnx_session_options(pinned, 64).enable_mem_pattern is expected
+        assert onnx_session_options(pinned, 1).enable_mem_pattern is expected
 
 
 def test_config_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -104,14 +109,6 @@ def test_config_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     monkeypatch.setenv("FASHION_SERVE_CONFIG_DIR", str(tmp_path))
     with pytest.raises(ServingConfigError, match=str(tmp_path / "serving.yaml")):
         load_serving_settings()
-
-
-def test_batch_size_one_turns_batching_off() -> None:
-    off = BatchingSettings(max_batch_size=1, max_latency_ms=100)
-    assert off.api_options() == {"batchable": False}
-    on = service.SETTINGS.predict.api_options()
-    assert on["batchable"] is True
-    assert on["max_batch_size"] == service.SETTINGS.predict.max_batch_size
 
 
 def test_batch_size_fits_the_models_cost_per_image() -> None:
@@ -122,39 +119,23 @@ def test_batch_size_fits_the_models_cost_per_image() -> None:
     assert batching.batch_size_for(small_model, 0.05) == 64  # capped by max_batch_size
     assert batching.batch_size_for(big_model, 0.05) == 2
     assert batching.batch_size_for(big_model, 0.0) == 1
-    assert batching.api_options(big_model, 0.0) == {"batchable": False}
-    assert batching.api_options(big_model, 0.05) == {
-        "batchable": True,
-        "max_batch_size": 2,
-        "max_latency_ms": 100,
-    }
     assert batching.batch_size_for(None, 0.05) == 64  # a model imported before profiling
     unfitted = batching.model_copy(update={"fit_to_model": False})
     assert unfitted.batch_size_for(big_model, 0.05) == 64
 
 
 def test_the_service_batches_by_the_served_models_profile(tmp_path: Path) -> None:
-    """``import service`` reads the imported model's profile into its APIs' batch sizes."""
+    """The runtime caps each API's batcher by the imported model's profile."""
     tag = import_tiny(tiny_model(), tmp_path)
+    settings = load_serving_settings(environ={})
     with model_store_at(tmp_path):
         costs = batch_costs(tag)
+        runtime = ModelRuntime.from_bento_model(bentoml.models.get(tag), settings)
     assert costs is not None and sorted(costs) == [1, 2, 4, 8, 16, 32, 64]
-    code = (
-        "import json, service; apis = service.Classifier.apis; "
-        "print(json.dumps({n: [a.batchable, a.max_batch_size] for n, a in apis.items()}))"
-    )
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    served = json.loads(result.stdout.strip().splitlines()[-1])
-    settings = load_serving_settings(environ={})
     for name, batching in (
         ("predict", settings.predict),
         ("batch_predict", settings.batch_predict),
     ):
         size = batching.batch_size_for(costs, settings.batch_cost_tolerance)
-        batchable, max_batch_size = served[name]
-        assert batchable is (size > 1)
-        assert not batchable or max_batch_size == size
+        assert runtime.batchers[name].max_batch_size == size
+        assert runtime.batchers[name].seconds_per_image == pytest.approx(costs[size] / 1000)
