@@ -197,7 +197,7 @@ def served_runtime(service: Any) -> Any:
     """The served model's :class:`ModelRuntime`, with the service's session settings."""
     import bentoml
 
-    stored = bentoml.models.get(service.SETTINGS.model_tag)
+    stored = bentoml.models.get(service.SERVED_TAG)
     return ModelRuntime.from_bento_model(stored, service.SETTINGS)
 
 
@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         sys.stderr = stderr
     print(
-        f"model: {service.SETTINGS.model_tag} ({getattr(service.SETTINGS, 'backend', 'onnx')}); images: {source}"
+        f"model: {service.SERVED_TAG} ({getattr(service.SETTINGS, 'backend', 'onnx')}); images: {source}"
     )
     print(
         f"/predict, one at a time, in process: {measured.cpu_ms:.3f} ms CPU and "
