@@ -81,11 +81,13 @@ class BatchingSettings(_Strict):
     )
 
     def batch_size_for(self, ms_per_image: Mapping[int, float] | None, tolerance: float) -> int:
-        """The largest profiled batch size within ``tolerance`` of the cheapest per image.
+        """The largest profiled batch size within ``tolerance`` of the cheapest per image, and
+        no dearer per image than the smallest profiled size.
 
         A big network on a CPU runs each image slower in a large batch (its activations leave
-        the cache), a small one faster; batching beyond the cheapest size only costs throughput.
-        Without a profile (or with ``fit_to_model`` off) it is ``max_batch_size``.
+        the cache), a small one faster; batching beyond the cheapest size only costs throughput,
+        and a batch dearer than one image at a time would make batching a loss. Without a
+        profile (or with ``fit_to_model`` off) it is ``max_batch_size``.
         """
         if not self.fit_to_model or not ms_per_image:
             return self.max_batch_size
@@ -93,7 +95,12 @@ class BatchingSettings(_Strict):
         if not sizes:
             return self.max_batch_size
         cheapest = min(sizes.values())
-        return max(size for size, cost in sizes.items() if cost <= cheapest * (1 + tolerance))
+        alone = sizes[min(sizes)]
+        return max(
+            size
+            for size, cost in sizes.items()
+            if cost <= cheapest * (1 + tolerance) and cost <= alone
+        )
 
 
 class LimitSettings(_Strict):
