@@ -60,7 +60,7 @@ COMPOSE_FILES := -f docker-compose.yaml $(if $(filter postgres,$(MLFLOW_DB)),-f 
 # `bentoml serve service:Classifier`, `bentoml models list` and `bentoml build` see them.
 
 .PHONY: setup setup-dev system-deps test-deps data train fit promote import serve run test lint typecheck pytest mlflow mlflow-ui sweep bench bench-serve bench-loaders recipe-search openapi notebooks soak screenshots demo alerts alert-rules monitoring clean help
-.PHONY: container-deps container-base container container-smoke mlflow-image postgres-image compose-up compose-down
+.PHONY: container-deps container-base container container-smoke mlflow-image postgres-image monitoring-image compose-up compose-down
 
 help:  ## list targets
 	@grep -E '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -175,7 +175,11 @@ mlflow-image: setup-dev container-deps  ## the MLflow server image docker-compos
 postgres-image: setup-dev container-deps  ## Debian's PostgreSQL on the same base (MLFLOW_DB=postgres)
 	$(PY) scripts/container.py postgres-image
 
-compose-up: container mlflow-image $(if $(filter postgres,$(MLFLOW_DB)),postgres-image,)  ## the service + MLflow server (MLFLOW_DB=postgres for PostgreSQL) on 127.0.0.1
+monitoring-image: setup-dev container-deps  ## Debian's Prometheus + Alertmanager on the same base (compose's monitoring services)
+	$(PY) scripts/container.py monitoring-image
+
+compose-up: container mlflow-image monitoring-image $(if $(filter postgres,$(MLFLOW_DB)),postgres-image,)  ## the service, MLflow server, Prometheus + Alertmanager (MLFLOW_DB=postgres for PostgreSQL) on 127.0.0.1
+	$(PY) scripts/monitoring.py compose-config
 	CONTAINERS_CONF=$$($(PY) scripts/container.py conf) $(COMPOSE) -p $(COMPOSE_PROJECT) $(COMPOSE_FILES) up -d
 
 compose-down:  ## stop and remove the compose services (volumes are kept)

@@ -18,14 +18,14 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.alerts import duration_seconds
-from common.settings import load_settings_file, resolve_path
+from common.settings import SettingsError, load_settings_file, resolve_path
 
 MONITORING_ENV_PREFIX = "FASHION_SERVE_MONITORING__"
 #: Both servers answer 200 here once they are ready.
@@ -85,6 +85,15 @@ class AlertmanagerSettings(ListenSettings):
     _durations = field_validator("group_wait", "group_interval", "repeat_interval")(_duration)
 
 
+class ComposeSettings(_Strict):
+    """The names docker-compose.yaml's prometheus and alertmanager services see each other by."""
+
+    scrape_target: str = Field(min_length=1)
+    alertmanager_host: str = Field(min_length=1)
+    alertmanager_port: int = Field(ge=1, le=65535)
+    config_dir: PurePosixPath
+
+
 class MonitoringSettings(_Strict):
     """``configs/monitoring.yaml``."""
 
@@ -92,6 +101,7 @@ class MonitoringSettings(_Strict):
     scrape: ScrapeSettings
     prometheus: PrometheusServerSettings
     alertmanager: AlertmanagerSettings
+    compose: ComposeSettings
     ready_timeout_s: float = Field(gt=0)
     stop_timeout_s: float = Field(gt=0)
 
@@ -112,7 +122,7 @@ def load_monitoring_settings(
 # --------------------------------------------------------------------------- config files
 
 
-def prometheus_config(settings: MonitoringSettings, rules_file: Path) -> dict[str, Any]:
+def prometheus_config(settings: MonitoringSettings, rules_file: PurePath) -> dict[str, Any]:
     """``prometheus.yml``: scrape the service, load ``rules_file``, alert to the Alertmanager."""
     scrape = settings.scrape
     alertmanager = settings.alertmanager
@@ -167,8 +177,13 @@ class ConfigFiles:
     rules: Path
 
 
-def write_configs(settings: MonitoringSettings, rules_text: str) -> ConfigFiles:
-    """Write ``prometheus.yml``, ``alertmanager.yml`` and the rules into the data folder."""
+def write_configs(
+    settings: MonitoringSettings, rules_text: str, rules_seen_at: PurePath | None = None
+) -> ConfigFiles:
+    """Write ``prometheus.yml``, ``alertmanager.yml`` and the rules into the data folder.
+
+    ``rules_seen_at``: where Prometheus finds the rules file (default: where it is written).
+    """
     folder = settings.data_path()
     folder.mkdir(parents=True, exist_ok=True)
     files = ConfigFiles(
@@ -177,11 +192,38 @@ def write_configs(settings: MonitoringSettings, rules_text: str) -> ConfigFiles:
     files.rules.write_text(rules_text)
     header = "# Generated from configs/monitoring.yaml by scripts/monitoring.py; do not edit.\n"
     for path, content in (
-        (files.prometheus, prometheus_config(settings, files.rules)),
+        (files.prometheus, prometheus_config(settings, rules_seen_at or files.rules)),
         (files.alertmanager, alertmanager_config(settings)),
     ):
         path.write_text(header + yaml.safe_dump(content, sort_keys=False))
     return files
+
+
+def write_compose_configs(settings: MonitoringSettings, rules_text: str) -> ConfigFiles:
+    """The configs of docker-compose.yaml's services, in ``<data_dir>/compose``.
+
+    Same rules and settings as ``make monitoring``, with the compose network's names and the
+    rules at ``compose.config_dir`` inside the containers.
+
+    Raises:
+        SettingsError: ``scrape.credentials_file`` is set (a host path no container sees).
+    """
+    compose = settings.compose
+    if settings.scrape.credentials_file is not None:
+        raise SettingsError(
+            "scrape.credentials_file is a host path: the compose services cannot read it "
+            "(turn auth.protect_metrics off for compose, or mount the key and edit the config)"
+        )
+    inside = settings.model_copy(
+        update={
+            "data_dir": settings.data_path() / "compose",
+            "scrape": settings.scrape.model_copy(update={"target": compose.scrape_target}),
+            "alertmanager": settings.alertmanager.model_copy(
+                update={"host": compose.alertmanager_host, "port": compose.alertmanager_port}
+            ),
+        }
+    )
+    return write_configs(inside, rules_text, compose.config_dir / RULES_FILE)
 
 
 def prometheus_command(settings: MonitoringSettings, files: ConfigFiles) -> list[str]:

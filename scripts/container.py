@@ -109,6 +109,7 @@ class ContainerSettings(_Strict):
     image: str
     mlflow_image: str
     postgres_image: str
+    monitoring_image: str
     engine: str = Field(pattern=r"^(auto|docker|podman)$")
     base: str = Field(pattern=r"^(auto|standard|offline)$")
     ca_bundle: Path | None
@@ -519,7 +520,11 @@ def base_image_for(
 
 
 #: Images of our own beside the service: subcommand -> its folder in deploy/.
-AUX_IMAGES = {"mlflow-image": "mlflow-server", "postgres-image": "postgres"}
+AUX_IMAGES = {
+    "mlflow-image": "mlflow-server",
+    "postgres-image": "postgres",
+    "monitoring-image": "monitoring",
+}
 
 
 def build_aux_image(
@@ -529,12 +534,16 @@ def build_aux_image(
     env: Mapping[str, str],
     runner: Runner = run,
 ) -> str:
-    """Build ``deploy/<folder>/Containerfile`` (MLflow or PostgreSQL) on our base; return its tag.
+    """Build ``deploy/<folder>/Containerfile`` (MLflow, PostgreSQL, monitoring) on our base; its tag.
 
     Raises:
         ContainerError: the build failed (the log is named).
     """
-    tag = settings.mlflow_image if kind == "mlflow-image" else settings.postgres_image
+    tag = {
+        "mlflow-image": settings.mlflow_image,
+        "postgres-image": settings.postgres_image,
+        "monitoring-image": settings.monitoring_image,
+    }[kind]
     base = base_image_for(settings, engine, env, runner)
     context = ROOT / "deploy" / AUX_IMAGES[kind]
     command = [engine, "build", "-t", tag, "--build-arg", f"BASE_IMAGE={base}"]

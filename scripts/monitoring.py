@@ -5,7 +5,8 @@ alert rules (rendered from ``configs/alerts.yaml``, overrides included) into ``d
 ``configs/monitoring.yaml``, starts Debian's ``prometheus-alertmanager`` and ``prometheus`` there,
 waits for both ``/-/ready`` endpoints, prints their URLs and keeps them running until Ctrl-C (or
 until one of them exits), then stops both. ``python scripts/monitoring.py config`` only writes
-the files. Tests start the same pair with :func:`monitoring_stack`.
+the files; ``compose-config`` writes them for docker-compose.yaml's services instead
+(``<data_dir>/compose``, compose names, container paths). Tests start the same pair with :func:`monitoring_stack`.
 
 Processes are :class:`serving.launch.Server` (own process group, log file, SIGTERM then SIGKILL),
 so a Ctrl-C, an error or a test failure always ends them. A missing binary, a bad setting or a
@@ -37,6 +38,7 @@ from common.prometheus import (  # noqa: E402
     listen_flag,
     load_monitoring_settings,
     prometheus_command,
+    write_compose_configs,
     write_configs,
 )
 from common.settings import SettingsError  # noqa: E402
@@ -133,15 +135,18 @@ def run(settings: MonitoringSettings, rules_text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``run`` (default) or ``config``; 2 on a setting, binary or start-up problem."""
+    """``run`` (default), ``config`` or ``compose-config``; 2 on a setting, binary or start-up problem."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", choices=["run", "config"], default="run")
+    parser.add_argument(
+        "command", nargs="?", choices=["run", "config", "compose-config"], default="run"
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_monitoring_settings()
         rules_text = render_prometheus_rules(load_alert_settings())
-        if args.command == "config":
-            files = write_configs(settings, rules_text)
+        if args.command in ("config", "compose-config"):
+            write = write_compose_configs if args.command == "compose-config" else write_configs
+            files = write(settings, rules_text)
             print(f"wrote {files.prometheus}, {files.alertmanager} and {files.rules}")
             return 0
         return run(settings, rules_text)

@@ -116,6 +116,51 @@ def test_a_protected_metrics_endpoint_gets_the_key_from_its_file(tmp_path: Path)
     check_with(tool("promtool"), "check", "config", str(files.prometheus))
 
 
+def test_compose_configs_use_the_compose_names_and_the_mounted_rules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docker-compose.yaml's services get the same rules, pointed at api:3000 and alertmanager."""
+    monkeypatch.setenv("FASHION_SERVE_MONITORING__DATA_DIR", str(tmp_path))
+    assert monitoring.main(["compose-config"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    folder = tmp_path / "compose"
+    settings = load_monitoring_settings(environ={})
+    prometheus = yaml.safe_load((folder / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert job["static_configs"] == [{"targets": [settings.compose.scrape_target]}]
+    (targets,) = prometheus["alerting"]["alertmanagers"]
+    assert targets["static_configs"] == [
+        {"targets": [f"{settings.compose.alertmanager_host}:{settings.compose.alertmanager_port}"]}
+    ]
+    mounted = settings.compose.config_dir
+    assert prometheus["rule_files"] == [str(mounted / "alerts.yml")]
+    assert (folder / "alerts.yml").read_text() == rules_text()
+    # The compose file mounts this folder at config_dir and runs the servers on these files.
+    compose = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())["services"]
+    for name, config in (("prometheus", "prometheus.yml"), ("alertmanager", "alertmanager.yml")):
+        service = compose[name]
+        assert f"./{settings.data_dir}/compose:{mounted}:ro" in service["volumes"]
+        assert f"--config.file={mounted / config}" in service["command"]
+    assert compose["prometheus"]["command"][0] == settings.prometheus.binary
+    assert compose["alertmanager"]["command"][0] == settings.alertmanager.binary
+    # promtool checks the config with the rules where this machine has them.
+    prometheus["rule_files"] = [str(folder / "alerts.yml")]
+    local = tmp_path / "prometheus-local.yml"
+    local.write_text(yaml.safe_dump(prometheus))
+    checked = check_with(tool("promtool"), "check", "config", str(local))
+    assert "SUCCESS: 4 rules found" in checked.stdout
+    check_with(tool("amtool"), "check-config", str(folder / "alertmanager.yml"))
+
+
+def test_compose_configs_refuse_a_host_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FASHION_SERVE_MONITORING__DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FASHION_SERVE_MONITORING__SCRAPE__CREDENTIALS_FILE", str(tmp_path / "key"))
+    assert monitoring.main(["compose-config"]) == 2
+    assert capsys.readouterr().err.startswith("error: scrape.credentials_file is a host path")
+
+
 # --------------------------------------------------------------------------- query_range
 
 
