@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -61,7 +61,8 @@ class Batcher:
         self._limiter = limiter
         self._queue: deque[_Waiting] = deque()
         self._queued_images = 0
-        self._drainer: asyncio.Task[None] | None = None
+        self._scheduled = False  # a batch is due or running; the queue waits for it
+        self._threaded: asyncio.Task[None] | None = None
 
     async def __call__(self, pixels: NDArray[np.float32]) -> list[Prediction]:
         """The predictions for ``pixels`` (one request's images), in order.
@@ -71,7 +72,9 @@ class Batcher:
                 ``max_latency_ms``.
         """
         if self.max_batch_size <= 1:  # batching off: one model call per request
-            return await self._predict(pixels)
+            if len(pixels) <= self.inline_max:
+                return self._timed(pixels)
+            return await self._in_thread(pixels)
         expected = (self._queued_images + len(pixels)) * self.seconds_per_image
         if expected > self.max_latency_s:
             raise BadInputError(
@@ -84,58 +87,91 @@ class Batcher:
         waiting = _Waiting(pixels, loop.create_future())
         self._queue.append(waiting)
         self._queued_images += len(pixels)
-        if self._drainer is None:
-            # Its first step comes after the callbacks already due in this turn of the loop,
-            # so the requests parsed in this turn join the batch.
-            self._drainer = loop.create_task(self._drain())
+        if not self._scheduled:
+            self._scheduled = True
+            # After the callbacks already due in this turn of the loop: the requests parsed in
+            # this turn join the batch.
+            loop.call_soon(self._next_batch)
         return await waiting.done
 
-    def _take(self) -> list[_Waiting]:
+    def _take(self) -> tuple[list[_Waiting], NDArray[np.float32]]:
         taken = [self._queue.popleft()]
         images = len(taken[0].pixels)
         while self._queue and images + len(self._queue[0].pixels) <= self.max_batch_size:
             images += len(self._queue[0].pixels)
             taken.append(self._queue.popleft())
         self._queued_images -= images
-        return taken
+        parts = [waiting.pixels for waiting in taken]
+        return taken, parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    async def _drain(self) -> None:
+    def _chunks(self, pixels: NDArray[np.float32]) -> list[NDArray[np.float32]]:
+        # One request bigger than the cap runs in chunks of the cap.
+        size = self.max_batch_size
+        return [pixels[start : start + size] for start in range(0, len(pixels), size)]
+
+    def _next_batch(self) -> None:
+        """Run the next batch: on the loop when it is small, else in a thread (one at a time)."""
+        if not self._queue:
+            self._scheduled = False
+            return
+        taken, pixels = self._take()
+        chunks = self._chunks(pixels)
+        if len(chunks[0]) > self.inline_max:
+            self._threaded = asyncio.get_running_loop().create_task(
+                self._threaded_batch(taken, chunks)
+            )
+            return
         try:
-            while self._queue:
-                taken = self._take()
-                try:
-                    predictions = await self._predict_chunked([w.pixels for w in taken])
-                except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
-                    for waiting in taken:
-                        if not waiting.done.done():
-                            waiting.done.set_exception(exc)
-                else:
-                    start = 0
-                    for waiting in taken:
-                        count = len(waiting.pixels)
-                        if not waiting.done.done():
-                            waiting.done.set_result(predictions[start : start + count])
-                        start += count
-                # Let the requests that arrived meanwhile be parsed before the next batch.
-                await asyncio.sleep(0)
-        finally:
-            self._drainer = None
-
-    async def _predict_chunked(self, parts: Sequence[NDArray[np.float32]]) -> list[Prediction]:
-        pixels = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        if len(pixels) <= self.max_batch_size:
-            return await self._predict(pixels)
-        predictions: list[Prediction] = []  # one request bigger than the cap: in chunks
-        for start in range(0, len(pixels), self.max_batch_size):
-            predictions += await self._predict(pixels[start : start + self.max_batch_size])
-        return predictions
-
-    async def _predict(self, pixels: NDArray[np.float32]) -> list[Prediction]:
-        started = time.perf_counter()
-        if len(pixels) <= self.inline_max:
-            predictions = self.run(pixels)
+            predictions = [p for chunk in chunks for p in self._timed(chunk)]
+        except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
+            self._settle(taken, exc)
         else:
-            predictions = await anyio.to_thread.run_sync(self.run, pixels, limiter=self._limiter)
-        per_image = (time.perf_counter() - started) / len(pixels)
-        self.seconds_per_image += COST_SMOOTHING * (per_image - self.seconds_per_image)
+            self._settle(taken, predictions)
+        self._after_batch()
+
+    async def _threaded_batch(
+        self, taken: list[_Waiting], chunks: list[NDArray[np.float32]]
+    ) -> None:
+        try:
+            predictions = [p for chunk in chunks for p in await self._in_thread(chunk)]
+        except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
+            self._settle(taken, exc)
+        else:
+            self._settle(taken, predictions)
+        finally:
+            self._threaded = None
+            self._after_batch()
+
+    def _after_batch(self) -> None:
+        if self._queue:  # what arrived meanwhile: after the loop has parsed what is waiting
+            asyncio.get_running_loop().call_soon(self._next_batch)
+        else:
+            self._scheduled = False
+
+    @staticmethod
+    def _settle(taken: list[_Waiting], outcome: list[Prediction] | Exception) -> None:
+        start = 0
+        for waiting in taken:
+            count = len(waiting.pixels)
+            if not waiting.done.done():  # a cancelled request is skipped
+                if isinstance(outcome, Exception):
+                    waiting.done.set_exception(outcome)
+                else:
+                    waiting.done.set_result(outcome[start : start + count])
+            start += count
+
+    def _timed(self, pixels: NDArray[np.float32]) -> list[Prediction]:
+        started = time.perf_counter()
+        predictions = self.run(pixels)
+        self._observe(started, len(pixels))
         return predictions
+
+    async def _in_thread(self, pixels: NDArray[np.float32]) -> list[Prediction]:
+        started = time.perf_counter()
+        predictions = await anyio.to_thread.run_sync(self.run, pixels, limiter=self._limiter)
+        self._observe(started, len(pixels))
+        return predictions
+
+    def _observe(self, started: float, images: int) -> None:
+        per_image = (time.perf_counter() - started) / images
+        self.seconds_per_image += COST_SMOOTHING * (per_image - self.seconds_per_image)
