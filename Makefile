@@ -35,7 +35,8 @@ RUN_APT_PACKAGES := dataset-fashion-mnist
 # The test tools: wrk (make bench/bench-serve/soak and their tests), prometheus (promtool for the
 # alert-rule tests) and prometheus-alertmanager (make monitoring, the alerting test), chromium + its driver (the Swagger UI test, make screenshots), tmux,
 # imagemagick and fonts-dejavu-core (make demo and its test).
-TEST_APT_PACKAGES := wrk prometheus prometheus-alertmanager chromium chromium-driver tmux imagemagick fonts-dejavu-core
+MONITORING_APT_PACKAGES := prometheus prometheus-alertmanager
+TEST_APT_PACKAGES := wrk $(MONITORING_APT_PACKAGES) chromium chromium-driver tmux imagemagick fonts-dejavu-core
 # Containers without a Docker engine or a registry (docs/deployment.md): podman + runc, debootstrap
 # for the offline base, podman-compose for docker-compose.yaml.
 CONTAINER_APT_PACKAGES := podman buildah runc debootstrap podman-compose
@@ -59,7 +60,7 @@ COMPOSE_FILES := -f docker-compose.yaml $(if $(filter postgres,$(MLFLOW_DB)),-f 
 # Models live in BentoML's own store (BENTOML_HOME if exported, else ~/bentoml), so plain
 # `bentoml serve service:Classifier`, `bentoml models list` and `bentoml build` see them.
 
-.PHONY: setup setup-dev system-deps test-deps data train fit promote import serve run test lint typecheck pytest mlflow mlflow-ui sweep bench bench-serve bench-loaders recipe-search openapi notebooks soak screenshots demo alerts alert-rules monitoring clean help
+.PHONY: setup setup-dev system-deps test-deps monitoring-deps data train fit promote import serve run test lint typecheck pytest mlflow mlflow-ui sweep bench bench-serve bench-loaders recipe-search openapi notebooks soak screenshots demo alerts alert-rules monitoring clean help
 .PHONY: container-deps container-base container container-smoke mlflow-image postgres-image monitoring-image compose-up compose-down
 
 help:  ## list targets
@@ -74,6 +75,9 @@ system-deps:  ## Debian's Fashion-MNIST (make run's only Debian package), when a
 
 test-deps:  ## the Debian packages only tests, bench, soak, screenshots and demo use, when apt is there
 	$(call apt_install,$(TEST_APT_PACKAGES),)
+
+monitoring-deps:  ## Debian's Prometheus and Alertmanager only (make monitoring), when apt is there
+	$(call apt_install,$(MONITORING_APT_PACKAGES),)
 
 # Two stamps: the runtime install (make run) and the dev extra on top (make test and the tools).
 $(VENV)/.installed-run: pyproject.toml
@@ -148,7 +152,7 @@ alerts: setup  ## evaluate configs/alerts.yaml over the service's logs (exit 1 w
 alert-rules: setup  ## write deploy/prometheus/alerts.yml and deploy/k8s/prometheusrule.yaml from configs/alerts.yaml
 	$(PY) -m train alert-rules
 
-monitoring: setup test-deps  ## Prometheus scraping the service at HOST:PORT, with the alert rules, + Alertmanager (loopback; Ctrl-C stops)
+monitoring: setup monitoring-deps  ## Prometheus scraping the service at HOST:PORT, with the alert rules, + Alertmanager (loopback; Ctrl-C stops)
 	FASHION_SERVE_MONITORING__SCRAPE__TARGET=$(HOST):$(PORT) $(PY) scripts/monitoring.py
 
 mlflow mlflow-ui: setup  ## MLflow UI (127.0.0.1, MLFLOW_PORT) over the project's store mlflow/; plain `mlflow ui` opens ./mlflow.db

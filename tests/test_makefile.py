@@ -92,6 +92,16 @@ def test_test_targets_install_the_test_tools(target: str, tmp_path: Path) -> Non
         assert package in commands, package
 
 
+def test_make_monitoring_installs_only_prometheus_and_alertmanager(tmp_path: Path) -> None:
+    commands = _dry_run("monitoring", tmp_path)
+    monitoring = _variable("MONITORING_APT_PACKAGES")
+    assert monitoring == ["prometheus", "prometheus-alertmanager"]
+    assert all(package in commands for package in monitoring)
+    others = set(_variable("TEST_APT_PACKAGES")) - set(monitoring)
+    assert others and not [p for p in others if re.search(rf"\b{re.escape(p)}\b", commands)]
+    assert ".[dev]" not in commands
+
+
 def test_the_test_packages_are_not_runtime_packages() -> None:
     assert _variable("RUN_APT_PACKAGES") == ["dataset-fashion-mnist"]
     assert not set(_variable("TEST_APT_PACKAGES")) & set(_variable("RUN_APT_PACKAGES"))
