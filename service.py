@@ -22,6 +22,7 @@ from common.alerts import load_alert_settings
 from common.drift import DriftMonitor, Reference
 from common.model_format import REFERENCE_FILE
 from serving.balance import ConnectionBalance
+from serving.bentoml_bridge import cancel_request_timers
 from serving.gate import ApiKeyGuard, UploadGate
 from serving.lineage import model_info, served_tag
 from serving.openapi import service_document
@@ -39,6 +40,8 @@ from serving.telemetry import PredictionRecorder, configure_logging, service_met
 SETTINGS = load_serving_settings()
 ALERTS = load_alert_settings()
 SERVED_TAG = served_tag(SETTINGS)
+# Before BentoML builds the app: its per-request timeout timers are cancelled when answered.
+cancel_request_timers()
 # `bentoml serve` imports this module before it spawns the workers, so they inherit the cap on
 # glibc's malloc arenas (flat memory under load, docs/soak.md); an explicit environment wins.
 if SETTINGS.malloc_arena_max is not None:

@@ -48,3 +48,63 @@ def test_private_bentoml_names_live_only_in_the_bridge() -> None:
         path.relative_to(ROOT).as_posix() for path in product if pattern.search(path.read_text())
     }
     assert hits == {"serving/bentoml_bridge.py"}
+
+
+def test_bentomls_request_timers_are_cancelled_once_answered() -> None:
+    """Each request's timeout timer goes away with the request instead of living 30 s."""
+    from bentoml._internal.server.http import traffic
+
+    from serving.bentoml_bridge import cancel_request_timers
+
+    assert cancel_request_timers() is True
+    assert cancel_request_timers() is True  # once per process is enough; twice is harmless
+    timers: list[asyncio.TimerHandle] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(10)
+
+    async def main() -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        schedule = loop.call_later
+
+        def recording(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+            handle = schedule(delay, callback, *args)
+            if getattr(callback, "__name__", "") == "_set_timer_out":  # the middleware's timer
+                timers.append(handle)
+            return handle
+
+        patched: Any = loop
+        patched.call_later = recording
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        middleware: Any = traffic.TimeoutMiddleware
+        await middleware(app, timeout=30)({"type": "http"}, None, send)
+        await middleware(slow, timeout=0.01)({"type": "http"}, None, send)
+        return sent
+
+    sent = asyncio.run(main())
+    assert [t.cancelled() for t in timers] == [True, True]
+    assert [m.get("status") for m in sent if m["type"] == "http.response.start"] == [200, 504]
+
+
+def test_another_timeout_middleware_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bentoml._internal.server.http import traffic
+
+    from serving.bentoml_bridge import cancel_request_timers
+
+    class Unknown:
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            raise AssertionError("not called")
+
+    monkeypatch.setattr(traffic, "TimeoutMiddleware", Unknown)
+    assert cancel_request_timers() is False
+    assert getattr(traffic, "TimeoutMiddleware") is Unknown  # noqa: B009
+    with pytest.raises(BentoMLLayoutError, match="TimeoutMiddleware is not the one"):
+        check_layout()
