@@ -526,7 +526,8 @@ def _ratio_goal(title: str, ours: Row, other: Row, goal: float) -> Goal:
     ratio = ours.requests_per_s / other.requests_per_s if other.requests_per_s else 0.0
     return Goal(
         title,
-        f"{ours.requests_per_s:.0f} vs {other.requests_per_s:.0f} req/s = {ratio:.2f}×",
+        # Three significant digits: 0.998 is a loss and must not read as 1.00.
+        f"{ours.requests_per_s:.0f} vs {other.requests_per_s:.0f} req/s = {ratio:.3g}×",
         ratio >= goal,
     )
 
