@@ -58,7 +58,9 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.repeat > 1:
             x = x.expand(-1, self.repeat, -1, -1)
-        if self.input_size is not None and x.shape[-1] != self.input_size:
+        if self.input_size is not None:
+            # Unconditional: a bilinear resize to the same size is an exact copy, and a check on
+            # x.shape would be frozen into the ONNX export (torch warns that it is traced).
             x = F.interpolate(
                 x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
             )
