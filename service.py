@@ -2,8 +2,9 @@
 
 An upload passes :class:`serving.gate.UploadGate` (API key, body limit, multipart, decode; every
 client mistake a 4xx JSON answer), joins the requests that arrived while the model was busy
-(:mod:`serving.batching`), and runs on ONNX Runtime in one call with them (:mod:`serving.runtime`). Settings: ``configs/serving.yaml``
-with ``FASHION_SERVE_SERVING__KEY`` overrides. Serving never imports torch or MLflow.
+(:mod:`serving.batching`), and runs on ONNX Runtime in one call with them
+(:mod:`serving.runtime`). Settings: ``configs/serving.yaml`` with ``FASHION_SERVE_SERVING__KEY``
+overrides. Serving never imports torch or MLflow.
 """
 
 from __future__ import annotations

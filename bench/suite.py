@@ -159,7 +159,6 @@ def prepare_model(options: Options, size: str, workdir: Path) -> ModelFiles:
     if size == "efficientnet":
         home = folder / "bentoml"
         tag, description = short_trained_efficientnet(home, module_path, options.load.tiny)
-        peer_env = {"FASHION_PEER_TORCH_FILE": str(module_path)}
     else:
         home, tag, description = serving.pick_model(
             options.load.tiny,
@@ -168,7 +167,7 @@ def prepare_model(options: Options, size: str, workdir: Path) -> ModelFiles:
             folder,
             module_path,
         )
-        peer_env = {"FASHION_PEER_TORCH_FILE": str(module_path)}
+    peer_env = {"FASHION_PEER_TORCH_FILE": str(module_path)}
     if size == "small" and not options.load.tiny:
         labels = _bento_model(home, tag).info.labels
         uri, version = champion_module(module_path)

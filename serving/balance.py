@@ -3,10 +3,11 @@
 BentoML's workers accept from one shared listening socket, and whichever worker wakes first
 accepts every connection that is waiting: a client that opens its connections together (a
 connection pool, a load balancer, ``wrk``) can land all of them on one worker while the others
-idle, which halves a 2-core machine's throughput. Each worker therefore publishes its requests
-in flight in a small shared file; a worker holding ``margin`` or more requests than the least
-busy one answers with ``Connection: close``, and the client's reconnect is most likely
-accepted by the idle worker, which is the one waiting in ``accept``.
+idle, which halves a 2-core machine's throughput. Each worker therefore publishes how many
+connections it serves (the client addresses it answered within the last ``window_s``) in a
+small shared file; a worker serving ``margin`` or more connections than the least busy one
+answers with ``Connection: close``, and the client's reconnect is most likely accepted by the
+idle worker, which is the one waiting in ``accept``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class ConnectionBalance:
         nothing to balance: one worker, no worker index, or no per-server directory."""
         if workers < 2 or margin < 1 or worker_index is None or not directory:
             return None
-        return cls(Path(directory) / "fashion_serve_in_flight", workers, worker_index - 1, margin)
+        return cls(Path(directory) / "fashion_serve_connections", workers, worker_index - 1, margin)
 
     def should_close(self, client: Hashable) -> bool:
         """Note a request from ``client`` (its address); whether to close its connection now.

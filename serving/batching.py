@@ -62,7 +62,7 @@ class Batcher:
         self._queue: deque[_Waiting] = deque()
         self._queued_images = 0
         self._scheduled = False  # a batch is due or running; the queue waits for it
-        self._threaded: asyncio.Task[None] | None = None
+        self._threaded: asyncio.Task[None] | None = None  # held: the loop keeps weak references
 
     async def __call__(self, pixels: NDArray[np.float32]) -> list[Prediction]:
         """The predictions for ``pixels`` (one request's images), in order.

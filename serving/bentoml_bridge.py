@@ -119,7 +119,7 @@ class JsonArrayOutput(_Rendered, IORootModel[T], Generic[T]):  # type: ignore[mi
 
 @contextlib.contextmanager
 def model_store_at(home: Path) -> Iterator[None]:
-    """Make ``home``'s model store BentoML's store in this process for a while (need 4).
+    """Make ``home``'s model store BentoML's store in this process for a while (need 3).
 
     A process that starts with ``BENTOML_HOME`` set needs none of this; tests and benchmarks
     that switch stores inside one process do.
@@ -133,7 +133,7 @@ def model_store_at(home: Path) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- request timers
 
-#: The lines of BentoML's ``TimeoutMiddleware.__call__`` that :class:`_CancellingTimeout` repeats.
+#: The lines of BentoML's ``TimeoutMiddleware.__call__`` that :func:`cancel_request_timers` repeats.
 _TIMEOUT_CALL_LINES = (
     "waiter = loop.create_future()",
     "loop.call_later(self.timeout, self._set_timer_out, waiter)",
@@ -143,7 +143,7 @@ _TIMEOUT_CALL_LINES = (
 
 
 def _timeout_middleware_to_patch() -> type | None:
-    """BentoML's ``TimeoutMiddleware`` if it is the code :class:`_CancellingTimeout` mirrors."""
+    """BentoML's ``TimeoutMiddleware`` if it is the code :func:`cancel_request_timers` mirrors."""
     from bentoml._internal.server.http import traffic
 
     middleware = getattr(traffic, "TimeoutMiddleware", None)
@@ -204,7 +204,6 @@ def cancel_request_timers() -> bool:
                     body = {"error": f"Not able to process the request in {self.timeout} seconds"}
                     await JSONResponse(body, status_code=504)(scope, receive, send)
             else:
-                timer.cancel()
                 await fut
             finally:
                 timer.cancel()

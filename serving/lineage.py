@@ -110,19 +110,6 @@ def model_info(stored: bentoml.Model) -> ModelInfo:
     )
 
 
-def batch_costs(tag: str) -> dict[int, float] | None:
-    """Milliseconds per image by batch size that ``import`` measured for ``tag``, if any.
-
-    ``None`` for a model imported before the measurement existed, or not in the store (e.g.
-    writing the OpenAPI document without a model).
-    """
-    try:
-        metadata = bentoml.models.get(tag).info.metadata
-    except NotFound:
-        return None
-    return profiled_costs(metadata)
-
-
 def profiled_costs(metadata: Mapping[str, Any]) -> dict[int, float] | None:
     """The batch profile in a stored model's metadata: milliseconds per image by batch size."""
     profile = cast(dict[str, Any], metadata.get(BATCH_PROFILE) or {})

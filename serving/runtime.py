@@ -113,11 +113,13 @@ class ModelRuntime:
         self.spec = spec
         self.limits = settings.limits
         self.metrics = service_metrics()
-        # The first run allocates; do it before the first request, and time the second.
+        # The first run allocates; do it before the first request.
         self.logits(self.blank(1))
-        started = time.perf_counter()
-        self.logits(self.blank(1))
-        measured_ms = (time.perf_counter() - started) * 1000
+        costs = dict(ms_per_image or {})
+        if not costs:  # a model imported before the profile: time one image for the estimate
+            started = time.perf_counter()
+            self.logits(self.blank(1))
+            costs[1] = (time.perf_counter() - started) * 1000
         # Batches too big to run on the event loop go to a thread, `threads` at a time.
         limiter = anyio.CapacityLimiter(settings.threads)
         #: The adaptive batcher of each API (``predict``, ``batch_predict``).
@@ -127,7 +129,7 @@ class ModelRuntime:
                 max_batch_size=sizes[name],
                 max_latency_ms=batching.max_latency_ms,
                 inline_max=settings.inline_infer_max_images,
-                ms_per_image=(ms_per_image or {}).get(sizes[name], measured_ms),
+                ms_per_image=costs.get(sizes[name], costs[min(costs)]),
                 limiter=limiter,
             )
             for name, batching in endpoints.items()

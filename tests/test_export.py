@@ -20,7 +20,7 @@ from torch import nn
 from common.model_format import ONNX_FILE
 from common.preprocess import PreprocessSpec, to_model_input
 from serving.bentoml_bridge import model_store_at
-from serving.lineage import batch_costs, choose_served
+from serving.lineage import choose_served, profiled_costs
 from tests.conftest import MakeSettings
 from train import export, tracking
 from train.config import ExportConfig, ModelConfig
@@ -141,7 +141,7 @@ def test_import_stores_onnx_metadata_and_lineage(store: Path) -> None:
     assert profile["threads"] == 1
     assert sorted(int(size) for size in profile["ms_per_image"]) == [1, 2, 4, 8, 16, 32, 64]
     assert all(cost > 0 for cost in profile["ms_per_image"].values())
-    assert batch_costs(str(stored.tag)) == {
+    assert profiled_costs(stored.info.metadata) == {
         int(size): cost for size, cost in profile["ms_per_image"].items()
     }
     served = onnx_logits(Path(stored.path_of(ONNX_FILE)), pixel_batch())

@@ -10,8 +10,9 @@ from pathlib import Path
 import bentoml
 import pytest
 
+from common.preprocess import PreprocessSpec
 from serving.bentoml_bridge import model_store_at
-from serving.lineage import batch_costs
+from serving.lineage import profiled_costs
 from serving.runtime import ModelRuntime, onnx_session_options
 from serving.settings import (
     BatchingSettings,
@@ -132,7 +133,7 @@ def test_the_service_batches_by_the_served_models_profile(tmp_path: Path) -> Non
     tag = import_tiny(tiny_model(), tmp_path)
     settings = load_serving_settings(environ={})
     with model_store_at(tmp_path):
-        costs = batch_costs(tag)
+        costs = profiled_costs(bentoml.models.get(tag).info.metadata)
         runtime = ModelRuntime.from_bento_model(bentoml.models.get(tag), settings)
     assert costs is not None and sorted(costs) == [1, 2, 4, 8, 16, 32, 64]
     for name, batching in (
@@ -142,3 +143,20 @@ def test_the_service_batches_by_the_served_models_profile(tmp_path: Path) -> Non
         size = batching.batch_size_for(costs, settings.batch_cost_tolerance)
         assert runtime.batchers[name].max_batch_size == size
         assert runtime.batchers[name].seconds_per_image == pytest.approx(costs[size] / 1000)
+
+
+def test_a_model_without_a_profile_batches_up_to_the_configured_size(tmp_path: Path) -> None:
+    """A model imported before the profile existed: no cap from it, the wait estimate timed."""
+    tag = import_tiny(tiny_model(), tmp_path)
+    settings = load_serving_settings(environ={})
+    with model_store_at(tmp_path):
+        stored = bentoml.models.get(tag)
+        runtime = ModelRuntime(
+            Path(stored.path_of("model.onnx")),
+            ["a", "b", "c"],
+            PreprocessSpec.model_validate(stored.info.metadata["preprocess"]),
+            settings,
+        )
+    assert runtime.batchers["predict"].max_batch_size == settings.predict.max_batch_size
+    assert runtime.batchers["batch_predict"].max_batch_size == settings.batch_predict.max_batch_size
+    assert 0 < runtime.batchers["predict"].seconds_per_image < 1
