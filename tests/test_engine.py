@@ -127,6 +127,21 @@ def test_early_stopping_stops_when_validation_stalls(tmp_path: Path) -> None:
     assert state.epochs_without_improvement == 2
 
 
+def test_early_stopping_waits_for_the_schedule_to_lower_the_lr(tmp_path: Path) -> None:
+    """Under onecycle, stalled epochs while the lr warms up or is still high do not count."""
+    images, labels = _toy_data()
+    cfg = _cfg(epochs=12, early_stopping_patience=2, lr=1e-12, scheduler="onecycle")
+    state = fit(toy_model(), (images, labels), (images, labels), cfg, PRESETS["none"], tmp_path)
+    lrs = [cfg.lr / 25, *(entry["lr"] for entry in state.history)]  # OneCycleLR starts at 1/25
+    # Epoch e ran from lrs[e - 1] to lrs[e]: it counts when the lr fell through it to half or less.
+    counted = [e for e in range(1, len(lrs)) if lrs[e] < lrs[e - 1] and lrs[e] <= 0.5 * cfg.lr]
+    # At lr 1e-12 the weights do not move: only epoch 1 improves. Without the rule the run would
+    # stop after epoch 1 + patience; with it, `patience` counted epochs after that.
+    assert counted[0] > 1 + cfg.early_stopping_patience
+    assert state.stopped_early and state.best_epoch == 1
+    assert state.epoch == counted[0] + cfg.early_stopping_patience - 1 == counted[1]
+
+
 def test_checkpoint_is_atomic_and_keeps_the_previous(tmp_path: Path) -> None:
     save_checkpoint({"value": 1}, tmp_path)
     save_checkpoint({"value": 2}, tmp_path)

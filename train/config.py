@@ -190,6 +190,13 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     early_stopping_patience: int = Field(5, ge=1)
     early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    early_stopping_lr_fraction: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Epochs without improvement count once a schedule has brought the learning "
+        "rate to at most this share of train.lr (scheduler none: always).",
+    )
     seed: int = 0
     num_threads: int | None = Field(None, ge=1, description="torch threads; None = all cores.")
     channels_last: bool = False
@@ -217,6 +224,9 @@ class TrackingConfig(_Section):
     experiment_name: str = "fashion-serve"
     registered_model_name: str = "fashion-classifier"
     connect_timeout_s: float = Field(5.0, gt=0.0)
+    report_experiments: list[str] = Field(
+        default_factory=list, description="More experiments for the README's model table."
+    )
 
     def resolved_uri(self) -> str:
         """The tracking URI in force: env var, then config, then the embedded sqlite store."""

@@ -116,6 +116,18 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def settled(lr_at_start: float, lr_at_end: float, cfg: TrainConfig) -> bool:
+    """Whether an epoch counts toward early stopping: the schedule lowered the learning rate
+    through it and has brought it to ``early_stopping_lr_fraction`` of its peak or below.
+
+    While a schedule warms up or still holds the rate high, validation accuracy dips and recovers
+    as it falls, so a stall then says nothing about convergence.
+    """
+    if cfg.scheduler == "none":
+        return True
+    return lr_at_end < lr_at_start and lr_at_end <= cfg.early_stopping_lr_fraction * cfg.lr
+
+
 def make_training_parts(
     model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, nn.Module]:
@@ -586,6 +598,7 @@ def fit(
         if isinstance(train_data, StreamBatches):
             train_data.set_epoch(epoch)
         start = time.perf_counter()
+        lr_at_start = float(optimizer.param_groups[0]["lr"])
         augment = context.seed_epoch(cfg.seed, epoch) if context.is_distributed else None
         train_loss, train_acc, seen = trainer.epoch(
             train_data, description=f"epoch {epoch}/{cfg.epochs}", augment_generator=augment
@@ -615,7 +628,7 @@ def fit(
             state.best_epoch = epoch
             state.epochs_without_improvement = 0
             state.best_weights = copy.deepcopy(model.state_dict())
-        else:
+        elif settled(lr_at_start, metrics.lr, cfg):
             state.epochs_without_improvement += 1
             if state.epochs_without_improvement >= cfg.early_stopping_patience:
                 state.stopped_early = True
