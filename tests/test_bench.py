@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from bench import loadgen, serving, suite, training
 from serving.uploads import parse_multipart, select_files
@@ -299,3 +300,40 @@ def test_data_loaders_tiny(tmp_path: Path) -> None:
     assert len(list((tmp_path / "folder").glob("class_*/*.jpg"))) == 60
     again = run_bench_module("bench.data_loaders", *args, "--classes=3", "--processes=2")
     assert "reusing 60 images" in again.stderr
+
+
+@pytest.mark.slow
+def test_photo_folder_tiny(tmp_path: Path) -> None:
+    """The folder is RGB JPEGs per split and class; each model's fit lands in one table row."""
+    root = tmp_path / "photos"
+    folder_args = ["--root", str(root), "--train-per-class=10", "--test-per-class=2", "--size=32"]
+    stores = [
+        f"tracking.store_dir={tmp_path / 'mlflow'}",
+        f"train.checkpoint_dir={tmp_path / 'checkpoints'}",
+        f"data.stats_path={tmp_path / 'stats.json'}",
+        "data.image_size=16",
+        "train.epochs=1",
+        "model.width=4",
+        "train.progress=false",
+    ]
+    result = run_bench_module(
+        "bench.photo_folder", *folder_args, "--fit", "--models=resnet_small,resnet18", "--", *stores
+    )
+    assert len(list(root.glob("train/*/*.jpg"))) == 100
+    assert len(list(root.glob("test/*/*.jpg"))) == 20
+    with Image.open(next(root.glob("test/bag/*.jpg"))) as image:
+        assert (image.mode, image.size, image.format) == ("RGB", (32, 32), "JPEG")
+    rows = re.findall(
+        r"^\| (\w+) \| (\w+) \| [\d.]+ \| [\d.]+% \| ([\d.]+)% \| `\w+` \|$", result.stdout, re.M
+    )
+    assert sorted((model, weights) for model, weights, _ in rows) == [
+        ("resnet18", "random"),
+        ("resnet_small", "random"),
+    ]
+    assert all(0 <= float(test) <= 100 for *_, test in rows)
+    # A complete folder with the same settings is reused, not rewritten.
+    stamp = root.joinpath(".complete.json").stat().st_mtime_ns
+    again = run_bench_module("bench.photo_folder", *folder_args)
+    assert (
+        "120 JPEGs" in again.stdout and root.joinpath(".complete.json").stat().st_mtime_ns == stamp
+    )

@@ -8,6 +8,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+import mlflow
 import pytest
 
 import train.__main__ as train_main
@@ -83,16 +84,24 @@ def test_data_fit_promote_evaluate_report(
     monkeypatch.setattr("train.report.PROJECT_ROOT", tmp_path)
     monkeypatch.setattr("train.report.update_readme.__defaults__", (readme,))
     assert main(["fit", *args, "registry.floor=0.0", "model.width=8"]) == 0
-    assert main(["report", *args]) == 0
+    # A run of another experiment named in tracking.report_experiments (an image folder's).
+    with mlflow.start_run(experiment_id=mlflow.create_experiment("folder-runs")):
+        mlflow.log_params({"data.source": "image_folder", "data.path": "/data/my_photos"})
+        mlflow.set_tag("architecture", "resnet18")
+        mlflow.log_metrics({"best_val_accuracy": 0.5, "test_accuracy": 0.4})
+    assert main(["report", *args, "tracking.report_experiments=[folder-runs,absent]"]) == 0
     out = capsys.readouterr().out
     width = settings.model.width
     # One row per architecture and width: the narrower run is its own row, not a replacement.
-    rows = [line for line in out.splitlines() if line.startswith("| simple_cnn |")]
-    assert sorted(row.split("|")[2].strip() for row in rows) == sorted({str(width), "8"})
+    rows = [line for line in out.splitlines() if line.startswith("| Fashion-MNIST | simple_cnn |")]
+    assert sorted(row.split("|")[3].strip() for row in rows) == sorted({str(width), "8"})
     assert f"| simple_cnn | {width} |" in readme.read_text() and "old" not in readme.read_text()
     # Weights and training-set size tell a transfer-learning or subset run from a full one.
-    assert all(row.split("|")[3].strip() == "random" for row in rows)
-    assert all(row.split("|")[4].strip().replace(",", "").isdigit() for row in rows)
+    assert all(row.split("|")[4].strip() == "random" for row in rows)
+    assert all(row.split("|")[5].strip().replace(",", "").isdigit() for row in rows)
+    # The folder's run is named by its folder and comes after the Fashion-MNIST rows.
+    table = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert table[-1].startswith("| my_photos | resnet18 |") and "| 40.00% |" in table[-1]
 
 
 def test_promote_with_nothing_trained(

@@ -1,7 +1,8 @@
-"""The README's model table: the best finished run per architecture and width, from MLflow.
+"""The README's model table: the best finished run per data set, architecture, width and weights.
 
 ``python -m train report`` prints the table and rewrites the block between the markers in
-README.md, so every number there comes from a logged run.
+README.md, so every number there comes from a logged run. It reads the configured experiment and
+``tracking.report_experiments`` (the photo-folder comparison).
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ from train.config import PROJECT_ROOT, Settings
 
 START = "<!-- model-table:start -->"
 END = "<!-- model-table:end -->"
+FASHION_MNIST = "Fashion-MNIST"
 HEADER = (
-    "| architecture | width | weights | train images | parameters | size (MB) | epochs | minutes "
+    "| data | architecture | width | weights | train images | parameters | size (MB) | epochs | minutes "
     "| val accuracy | test accuracy | machine | run |\n"
-    "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
 )
 
 
 def best_runs(settings: Settings) -> list[Run]:
-    """The best finished run (by the registry metric) of each architecture, width and weights."""
+    """The best finished run (registry metric) per data set, architecture, width and weights."""
     metric = settings.registry.metric
-    runs = tracking.finished_runs(settings.tracking, settings.registry.max_runs)
-    best: dict[tuple[str, str, str], Run] = {}
+    runs = tracking.finished_runs(
+        settings.tracking, settings.registry.max_runs, settings.tracking.report_experiments
+    )
+    best: dict[tuple[str, str, str, str], Run] = {}
     for run in runs:
         arch = run.data.tags.get("architecture")
         if (
@@ -35,10 +39,13 @@ def best_runs(settings: Settings) -> list[Run]:
             or "test_accuracy" not in run.data.metrics
         ):
             continue
-        key = (arch, run.data.params.get("model.width", "?"), _weights(run))
+        key = (_data(run), arch, run.data.params.get("model.width", "?"), _weights(run))
         if key not in best or run.data.metrics[metric] > best[key].data.metrics[metric]:
             best[key] = run
-    return sorted(best.values(), key=lambda r: -r.data.metrics["test_accuracy"])
+    return sorted(
+        best.values(),
+        key=lambda r: (_data(r) != FASHION_MNIST, _data(r), -r.data.metrics["test_accuracy"]),
+    )
 
 
 def model_table(settings: Settings) -> str:
@@ -49,7 +56,7 @@ def model_table(settings: Settings) -> str:
         train_size = params.get("train_size", "")
         train_images = f"{int(train_size):,}" if train_size.isdigit() else "?"
         rows.append(
-            f"| {run.data.tags['architecture']} | {params.get('model.width', '?')} "
+            f"| {_data(run)} | {run.data.tags['architecture']} | {params.get('model.width', '?')} "
             f"| {_weights(run)} | {train_images} | {int(m.get('parameters', 0)):,} "
             f"| {m.get('size_mb', 0):.2f} | {int(m.get('epochs_trained', 0))} "
             f"| {m.get('train_minutes', 0):.1f} | {100 * m[settings.registry.metric]:.2f}% "
@@ -57,6 +64,13 @@ def model_table(settings: Settings) -> str:
             f"| `{run.info.run_id[:8]}` |"
         )
     return "\n".join(rows)
+
+
+def _data(run: Run) -> str:
+    """What the run trained on: Fashion-MNIST, or the image folder's name."""
+    if run.data.params.get("data.source", "fashion_mnist") == "fashion_mnist":
+        return FASHION_MNIST
+    return Path(run.data.params.get("data.path", "?")).name
 
 
 def _weights(run: Run) -> str:

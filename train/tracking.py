@@ -11,7 +11,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +80,18 @@ def connect(cfg: TrackingConfig) -> str:
     return str(mlflow.create_experiment(cfg.experiment_name, artifact_location=artifact_location))
 
 
-def finished_runs(cfg: TrackingConfig, max_results: int) -> list[Run]:
-    """The configured experiment's finished runs (connecting first), newest first."""
-    experiment_id = connect(cfg)
+def finished_runs(cfg: TrackingConfig, max_results: int, also: Sequence[str] = ()) -> list[Run]:
+    """The configured experiment's finished runs (connecting first), newest first.
+
+    ``also`` names more experiments to search; those that do not exist yet are skipped.
+    """
+    experiment_ids = [connect(cfg)]
+    for name in also:
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is not None and experiment.experiment_id not in experiment_ids:
+            experiment_ids.append(experiment.experiment_id)
     runs: list[Run] = mlflow.search_runs(
-        experiment_ids=[experiment_id],
+        experiment_ids=experiment_ids,
         filter_string="attributes.status = 'FINISHED'",
         max_results=max_results,
         output_format="list",
