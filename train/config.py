@@ -194,8 +194,8 @@ class TrainConfig(_Section):
         0.5,
         gt=0.0,
         le=1.0,
-        description="Epochs without improvement count once a schedule has brought the learning "
-        "rate to at most this share of train.lr (scheduler none: always).",
+        description="Epochs without improvement count while a schedule lowers the learning rate "
+        "and has it at most this share of train.lr (scheduler none: always).",
     )
     seed: int = 0
     num_threads: int | None = Field(None, ge=1, description="torch threads; None = all cores.")
