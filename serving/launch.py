@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -38,6 +39,11 @@ READY_PATH = "/readyz"
 #: How often :func:`wait_ready` asks, and how long one ``/readyz`` request may take.
 POLL_S = 0.1
 PROBE_TIMEOUT_S = 2.0
+#: :func:`free_port` picks among ports from here up to the kernel's ephemeral range (above the
+#: usual fixed service ports such as 3000, 5000 and 9090).
+FIXED_PORTS_FROM = 15000
+FREE_PORT_TRIES = 50
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 class ServeError(RuntimeError):
@@ -51,11 +57,35 @@ def default_store_home(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that is free on ``host`` right now."""
+    """A TCP port that is free on ``host`` right now, below the kernel's ephemeral range.
+
+    A port from ``bind(host, 0)`` is free again once the probe closes, and the next ``bind(0)``
+    may get it: BentoML's process manager took one for its control socket that way, so the
+    server it was meant for failed with "Address already in use". Below the ephemeral range only
+    a program that asks for the number gets it.
+    """
+    ephemeral_low = _ephemeral_range_start()
+    if ephemeral_low is not None and ephemeral_low > FIXED_PORTS_FROM:
+        candidates = range(FIXED_PORTS_FROM, ephemeral_low)
+        for port in random.sample(candidates, min(FREE_PORT_TRIES, len(candidates))):
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
+
+
+def _ephemeral_range_start() -> int | None:
+    """The first port the kernel hands out for ``bind(0)`` and outgoing connections (Linux)."""
+    try:
+        return int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def bentoml_cli() -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -206,3 +207,27 @@ def test_server_that_exits_fails_with_its_log(tmp_path: Path) -> None:
     with pytest.raises(launch.ServeError, match=r"exited before /readyz(.|\n)*no model here"):
         server.wait_ready(60)
     assert server.stop(10) == "server had exited by itself (3)"
+
+
+def test_free_port_is_below_the_ephemeral_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port that `bind(0)` elsewhere (BentoML's control socket) can never be handed."""
+    low = launch._ephemeral_range_start()
+    assert low is not None  # Linux: /proc/sys/net/ipv4/ip_local_port_range
+    assert all(launch.FIXED_PORTS_FROM <= launch.free_port() < low for _ in range(20))
+    # Two candidates, the first taken: the free one is offered, never the taken one.
+    base = launch.free_port()
+    range_file = tmp_path / "ip_local_port_range"
+    range_file.write_text(f"{base + 2}\t60999\n")
+    monkeypatch.setattr(launch, "EPHEMERAL_RANGE_FILE", range_file)
+    monkeypatch.setattr(launch, "FIXED_PORTS_FROM", base)
+    with socket.socket() as held:
+        held.bind((launch.LOOPBACK, base))
+        assert {launch.free_port() for _ in range(10)} == {base + 1}
+    # No readable range (another OS, or garbage): the kernel's choice, from its ephemeral range.
+    range_file.write_text("not numbers\n")
+    assert launch._ephemeral_range_start() is None
+    assert launch.free_port() >= low
+    monkeypatch.setattr(launch, "EPHEMERAL_RANGE_FILE", tmp_path / "absent")
+    assert launch._ephemeral_range_start() is None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from serving.launch import free_port
 from tests.conftest import image_folder_overrides
 from train import tracking
 from train.config import Settings
@@ -93,17 +93,11 @@ def test_data_stage_writes_and_logs_statistics(make_settings: MakeSettings) -> N
     assert any(r.data.tags.get("stage") == "data" for r in runs)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_unreachable_tracking_server_fails_before_training(
     make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = make_settings()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(TrackingError, match="unreachable"):
         run_fit(settings)
     assert not Path(settings.train.checkpoint_dir).exists()
