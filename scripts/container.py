@@ -519,11 +519,12 @@ def base_image_for(
     return standard_base_image(bentofile_python_version())
 
 
-#: Images of our own beside the service: subcommand -> its folder in deploy/.
+#: Images of our own beside the service: subcommand -> (its folder in deploy/, the setting that
+#: names its tag).
 AUX_IMAGES = {
-    "mlflow-image": "mlflow-server",
-    "postgres-image": "postgres",
-    "monitoring-image": "monitoring",
+    "mlflow-image": ("mlflow-server", "mlflow_image"),
+    "postgres-image": ("postgres", "postgres_image"),
+    "monitoring-image": ("monitoring", "monitoring_image"),
 }
 
 
@@ -539,13 +540,10 @@ def build_aux_image(
     Raises:
         ContainerError: the build failed (the log is named).
     """
-    tag = {
-        "mlflow-image": settings.mlflow_image,
-        "postgres-image": settings.postgres_image,
-        "monitoring-image": settings.monitoring_image,
-    }[kind]
+    folder, tag_setting = AUX_IMAGES[kind]
+    tag: str = getattr(settings, tag_setting)
     base = base_image_for(settings, engine, env, runner)
-    context = ROOT / "deploy" / AUX_IMAGES[kind]
+    context = ROOT / "deploy" / folder
     command = [engine, "build", "-t", tag, "--build-arg", f"BASE_IMAGE={base}"]
     command += [*ca_mount(settings, engine), "-f", str(context / "Containerfile"), str(context)]
     log = work_dir(settings) / f"{kind}.log"
@@ -757,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("base", help="build (or reuse) the offline Debian base; print its tag")
     commands.add_parser("build", help="bentoml build + containerize; print the image tag")
     for kind in AUX_IMAGES:
-        commands.add_parser(kind, help=f"build deploy/{AUX_IMAGES[kind]}'s image for compose")
+        commands.add_parser(kind, help=f"build deploy/{AUX_IMAGES[kind][0]}'s image for compose")
     smoke_parser = commands.add_parser("smoke", help="build, run and check a throw-away image")
     smoke_parser.add_argument(
         "--tiny", action="store_true", help="serve a tiny random model from a temporary store"

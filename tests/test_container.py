@@ -316,3 +316,28 @@ def test_service_image_is_standard_unless_a_base_is_set() -> None:
 
     assert image_of("") == "None"
     assert image_of("localhost/base:1") == "('localhost/base:1', 'none', [])"
+
+
+@pytest.mark.parametrize("kind", sorted(container.AUX_IMAGES))
+def test_aux_image_builds_its_folder_under_its_tag(
+    kind: str, settings: ContainerSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builds: list[list[str]] = []
+
+    def build(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        builds.append(command)
+        return done()
+
+    monkeypatch.setattr(container, "base_image_for", lambda *args: "base:1")
+    monkeypatch.setattr(subprocess, "run", build)
+    tag = container.build_aux_image(settings, kind, "podman", {})
+    folder = container.ROOT / "deploy" / container.AUX_IMAGES[kind][0]
+    expected = {
+        "mlflow-image": settings.mlflow_image,
+        "postgres-image": settings.postgres_image,
+        "monitoring-image": settings.monitoring_image,
+    }[kind]
+    (command,) = builds
+    assert tag == expected and command[:4] == ["podman", "build", "-t", expected]
+    assert "BASE_IMAGE=base:1" in command and command[-1] == str(folder)
+    assert (folder / "Containerfile").is_file()
