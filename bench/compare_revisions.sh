@@ -4,6 +4,8 @@
 # Each round runs `python -m bench.serving` once on BEFORE_REV (a temporary git worktree) and once
 # on the working tree, alternating, against one store holding a random model of the default
 # architecture (configs/model.yaml): serving speed does not depend on the weights.
+# COMPARE_STORE=<BentoML home> COMPARE_TAG=<model tag> serve that model instead (an imported
+# champion has the drift reference a random model lacks, so drift work is measured too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 before=${1:?usage: bench/compare_revisions.sh BEFORE_REV [ROUNDS] [SCENARIOS]}
@@ -13,6 +15,10 @@ python=${PYTHON:-$PWD/.venv/bin/python}
 work=$(mktemp -d)
 trap 'git worktree remove --force "$work/before" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 git worktree add --detach -q "$work/before" "$before"
+store=${COMPARE_STORE:-$work/store}
+if [ -n "${COMPARE_TAG:-}" ]; then
+  tag=$COMPARE_TAG
+else
 tag=$("$python" - "$work/store" <<'PY'
 import sys
 from pathlib import Path
@@ -25,11 +31,12 @@ print(tiny_model_in(Path(sys.argv[1]), load_settings().model, list(FASHION_MNIST
 PY
 )
 tag=$(echo "$tag" | tail -1)
+fi
 for round in $(seq "$rounds"); do
   for side in before after; do
     dir=$([ "$side" = before ] && echo "$work/before" || echo "$PWD")
     echo "== round $round: $side ($(git -C "$dir" rev-parse --short HEAD)) =="
-    (cd "$dir" && "$python" -m bench.serving --bentoml-home "$work/store" --model-tag "$tag" \
+    (cd "$dir" && "$python" -m bench.serving --bentoml-home "$store" --model-tag "$tag" \
       --scenarios "$scenarios" --output - 2>/dev/null | grep -E '^\| (/|scenario)')
   done
 done

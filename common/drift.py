@@ -346,7 +346,7 @@ class DriftMonitor:
         margins: Sequence[float],
         lights: Sequence[float],
     ) -> None:
-        """Remember the predictions of one request at once (one numpy write, not one per image)."""
+        """Remember a batch of predictions at once (one numpy write, not one per image)."""
         size = self.settings.window
         rows = np.asarray([class_ids, confidences, margins, lights], dtype=np.float64)[:, -size:]
         count = rows.shape[1]

@@ -8,6 +8,7 @@ Prometheus metrics are served by BentoML on ``/metrics`` beside its own
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import json
@@ -16,11 +17,12 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import bentoml
+import numpy as np
 from loguru import logger
 
 from common.drift import DriftMonitor, brightness, prediction_lines, score_margin
@@ -386,15 +388,22 @@ def _batch_of(target: str) -> Callable[[loguru.Record], bool]:
 
 @dataclass
 class PredictionRecorder:
-    """After each response: the queue-time metric, prediction-data lines and the drift window."""
+    """After each response: the queue-time metric, prediction-data lines and the drift window.
+
+    The queue time is recorded at once (the request log line carries it). Prediction data and
+    drift are recorded for every request answered in the same turn of the event loop together,
+    on the loop's next turn: one brightness computation, one drift write and one batch of lines
+    per model batch instead of per request, where numpy's per-call cost dominated.
+    """
 
     metrics: ServiceMetrics
     prediction_data: bool
     drift: DriftMonitor | None = None
     drift_min_predictions: int = 1
+    _pending: list[Exchange] = field(default_factory=list, init=False, repr=False)
 
     def record(self, exchange: Exchange) -> float | None:
-        """Record one answered request.
+        """Record one answered request (its prediction data and drift: see the class).
 
         Returns:
             The request's queue time in seconds (None if its batch start is unknown).
@@ -408,22 +417,50 @@ class PredictionRecorder:
             self.metrics.queue_seconds.observe(queued)
         if not self.prediction_data and self.drift is None:
             return queued
+        self._pending.append(exchange)
+        if len(self._pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop (a script or a test): record now
+                self.flush()
+        return queued
+
+    def flush(self) -> None:
+        """Record the prediction data and drift of every request recorded since the last flush."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        predictions = [p for exchange in pending for p in exchange.predictions]
         margins = [score_margin(p.scores.values()) for p in predictions]
-        lights = brightness(exchange.pixels).tolist()
+        pixels = [exchange.pixels for exchange in pending]
+        lights = brightness(pixels[0] if len(pixels) == 1 else np.concatenate(pixels)).tolist()
         if self.prediction_data:
-            lines = prediction_lines(
-                datetime.now(UTC).isoformat(),
-                exchange.request_id,
-                exchange.endpoint,
-                (
-                    (p.label, p.class_id, p.confidence, margin, light, size)
-                    for p, margin, light, size in zip(
-                        predictions, margins, lights, exchange.sizes, strict=True
+            now = datetime.now(UTC).isoformat()
+            start = 0
+            requests = []
+            for exchange in pending:
+                stop = start + len(exchange.predictions)
+                requests.append(
+                    prediction_lines(
+                        now,
+                        exchange.request_id,
+                        exchange.endpoint,
+                        (
+                            (p.label, p.class_id, p.confidence, margin, light, size)
+                            for p, margin, light, size in zip(
+                                exchange.predictions,
+                                margins[start:stop],
+                                lights[start:stop],
+                                exchange.sizes,
+                                strict=True,
+                            )
+                        ),
                     )
-                ),
-            )
-            # One message per request for all of its images; straight to the batched file when
-            # there is one (the lines are final JSON: loguru's record building is pure cost).
+                )
+                start = stop
+            lines = "\n".join(requests)
+            # Straight to the batched file when there is one (the lines are final JSON: loguru's
+            # record building is pure cost).
             if not LINES.add("predictions", lines):
                 logger.bind(prediction_data=True).info("{}", lines)
         drift = self.drift
@@ -437,4 +474,3 @@ class PredictionRecorder:
             if drift.due() and drift.count >= self.drift_min_predictions:
                 for feature, value in drift.scores().items():
                     self.metrics.drift_psi.labels(feature=feature).set(value)
-        return queued

@@ -281,3 +281,72 @@ def test_prediction_data_lines_by_line_and_batched(
     entries = [json.loads(line) for line in path.read_text().splitlines()]
     assert [e["request_id"] for e in entries] == ["pd-1", "pd-1"]
     assert [e["class_id"] for e in entries] == [p.class_id for p in exchange.predictions]
+
+
+def test_requests_answered_in_one_loop_turn_are_recorded_together(
+    svc: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    """On the event loop, prediction data and drift wait for the next turn, then go in one write."""
+    import asyncio
+
+    from common.drift import DriftMonitor, build_reference
+
+    logging_settings = service.SETTINGS.logging
+    configure_logging(
+        logging_settings.model_copy(
+            update={
+                "stream": "none",
+                "file": logging_settings.file.model_copy(update={"enabled": False}),
+                "predictions": logging_settings.predictions.model_copy(
+                    update={"path": str(tmp_path / "predictions.{worker}.jsonl")}
+                ),
+            }
+        ),
+        worker="worker-6",
+    )
+
+    runtime: ModelRuntime = svc.runtime
+    recorder: PredictionRecorder = svc.recorder
+    pixels = runtime.prepare([Upload("image", "a.png", image_bytes(seed=3))], "image", [])
+    probabilities = np.array([list(p.scores.values()) for p in runtime.predict(pixels)])
+    reference = build_reference(
+        probabilities, np.zeros(1, dtype=np.int64), pixels, CLASSES, {"28x28": 1}, "one", 1
+    )
+    drift = DriftMonitor(reference, service.ALERTS.drift)
+    writes: list[int] = []
+    add_many = drift.add_many
+
+    def counted_add_many(class_ids: list[int], *rest: Any) -> None:
+        writes.append(len(class_ids))
+        add_many(class_ids, *rest)
+
+    monkeypatch.setattr(drift, "add_many", counted_add_many)
+    shades = [0.0, 128.0, 255.0]
+
+    async def answer_three() -> tuple[list[int], list[int]]:
+        for index, shade in enumerate(shades):
+            exchange = Exchange(
+                f"turn-{index}", "/predict", np.full_like(pixels, shade), [(28, 28)]
+            )
+            exchange.predictions = runtime.predict(exchange.pixels)
+            exchange.handed = exchange.predictions[0]._batch_started
+            recorder.record(exchange)
+        held = list(writes)
+        await asyncio.sleep(0)  # the loop's next turn
+        return held, list(writes)
+
+    recorder.drift = drift
+    try:
+        held, written = asyncio.run(answer_three())
+    finally:
+        recorder.drift = None
+    assert held == []  # nothing recorded inside the turn that answered the requests
+    assert written == [3]  # then all three in one drift write
+    flush_logs()
+    lines = (tmp_path / "predictions.worker-6.jsonl").read_text().splitlines()
+    mine = {entry["request_id"]: entry for entry in map(json.loads, lines)}
+    assert sorted(mine) == ["turn-0", "turn-1", "turn-2"]
+    # Each request keeps its own image's brightness, though they were computed together.
+    assert [round(mine[f"turn-{i}"]["brightness"], 3) for i in range(3)] == [
+        round(shade / 255.0, 3) for shade in shades
+    ]
