@@ -133,7 +133,9 @@ def prepare_image(image: Image.Image, spec: PreprocessSpec) -> NDArray[np.uint8]
         ``uint8`` array of shape ``[image_size, image_size, channels]``.
     """
     image = _flatten(image, spec.background)
-    image = image.convert("L" if spec.channels == 1 else "RGB")
+    mode = "L" if spec.channels == 1 else "RGB"
+    if image.mode != mode:  # convert() to the same mode is a copy
+        image = image.convert(mode)
     size = (spec.image_size, spec.image_size)
     if image.size != size:
         image = image.resize(size, _RESAMPLE[spec.resample], reducing_gap=3.0)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -272,7 +272,8 @@ class UploadGate:
         endpoint = scope["path"]
         headers = dict(scope["headers"])
         incoming_id = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming_id if _REQUEST_ID.match(incoming_id) else uuid.uuid4().hex
+        # 32 random hex digits, as uuid4().hex but without building a UUID per request.
+        request_id = incoming_id if _REQUEST_ID.match(incoming_id) else os.urandom(16).hex()
         status = 500
 
         current = bentoml.get_current_service()
