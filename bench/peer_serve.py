@@ -27,9 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--app", default="bench.peer_fastapi:app", help="also bench.asgi_floor:app (the floor)"
+    )
     args = parser.parse_args(argv)
     config = uvicorn.Config(
-        "bench.peer_fastapi:app",
+        args.app,
         host=args.host,
         port=args.port,
         workers=args.workers,

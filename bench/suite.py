@@ -22,7 +22,9 @@ For each model:
    - ``batching_off``: the same with ``predict.max_batch_size: 1``;
    - ``torch`` (small model): the same service with ``backend: torch`` (eager torch);
    - ``peer``: ``bench/peer_fastapi.py``, FastAPI + uvicorn + eager torch, no batching, as many
-     workers as the service.
+     workers as the service;
+   - ``asgi_floor`` (at the goal's concurrency only): ``bench/asgi_floor.py``, the least work a
+     ``/predict`` can do on bare uvicorn with the same model, for scale.
 3. **Training speed** (``bench/training.py``), unless ``--skip-training``.
 4. Writes ``docs/benchmarks.md`` (goals, one table, machine, date, commit),
    ``docs/benchmarks.png`` and the raw numbers in ``docs/benchmarks.json``.
@@ -62,6 +64,11 @@ SETUPS: dict[str, tuple[str, dict[str, str]]] = {
     ),
     "torch": ("same service, eager torch backend", {"BACKEND": "torch"}),
     "peer": ("peer: FastAPI + uvicorn + eager torch, no batching", {}),
+    "asgi_floor": (
+        "floor: bare ASGI app on uvicorn (body, multipart, decode, one ONNX Runtime call per "
+        "request; no batching, metrics, logs or middleware; bench/asgi_floor.py)",
+        {},
+    ),
 }
 
 
@@ -83,7 +90,7 @@ SIZES: dict[str, ModelSize] = {
     "small": ModelSize(
         "the default champion (small CNN on 28×28 inputs)",
         (1, 16, 64),
-        ("service", "batching_off", "torch", "peer"),
+        ("service", "batching_off", "torch", "peer", "asgi_floor"),
         batch_predict=True,
         goal_share_of_raw=0.5,
         goal_level=64,
@@ -92,7 +99,7 @@ SIZES: dict[str, ModelSize] = {
     "efficientnet": ModelSize(
         "EfficientNet-Lite0, ImageNet weights, 224 px inside the network",
         (1, 32, 64),
-        ("service", "batching_off", "peer"),
+        ("service", "batching_off", "peer", "asgi_floor"),
         batch_predict=False,
         goal_share_of_raw=0.95,
         goal_level=32,
@@ -113,6 +120,8 @@ EFFICIENTNET_TINY_STEPS = {"images": 16, "batch": 8, "input_size": 32}
 
 def scenarios_for(size: ModelSize, setup: str) -> str:
     """The scenarios of ``setup`` on a model of ``size``."""
+    if setup == "asgi_floor":  # what the goal's level could reach at best
+        return f"predict:{size.goal_level}"
     predict = [f"predict:{level}" for level in size.predict_levels]
     if setup == "torch":
         predict = [predict[0], predict[-1]]
@@ -462,9 +471,9 @@ def serving_key(key: str) -> str:
     return f"FASHION_SERVE_SERVING__{key}"
 
 
-def peer_command(workers: int) -> list[str]:
-    """``bench/peer_serve.py``: ``uvicorn bench.peer_fastapi:app`` with ``workers`` processes."""
-    return [sys.executable, "-m", "bench.peer_serve", f"--workers={workers}"]
+def peer_command(workers: int, app: str = "bench.peer_fastapi:app") -> list[str]:
+    """``bench/peer_serve.py``: ``uvicorn <app>`` with ``workers`` processes."""
+    return [sys.executable, "-m", "bench.peer_serve", f"--workers={workers}", f"--app={app}"]
 
 
 def run_setup(
@@ -479,7 +488,11 @@ def run_setup(
     """Start setup ``name``'s server on ``files``' model, measure its scenarios, stop it."""
     env = setup_env(name, files, options)
     settings = serving.effective_settings(env)
-    command = peer_command(int(settings["workers"])) if name == "peer" else None
+    workers = int(settings["workers"])
+    command = {
+        "peer": peer_command(workers),
+        "asgi_floor": peer_command(workers, "bench.asgi_floor:app"),
+    }.get(name)
     folder = workdir / files.size / name
     folder.mkdir(parents=True, exist_ok=True)
     bodies = serving.scenario_bodies(scenarios, images, folder)
@@ -570,6 +583,17 @@ def check_goals(results: Sequence[SetupResult], raw: Sequence[RawResult], nproc:
                     ours.images_per_s,
                     limit,
                     size.goal_share_of_raw,
+                )
+            )
+        floor = _row(results, model, "asgi_floor", "predict", size.goal_level)
+        if floor and limit:
+            # Not a goal: the most a bare Python ASGI server reached here, for scale.
+            measured = _share_goal("", floor.images_per_s, limit, 0.0).measured
+            goals.append(
+                Goal(
+                    f"{name} the floor (bare ASGI, no batching) at c={size.goal_level}, for scale",
+                    measured,
+                    None,
                 )
             )
         if ours:
