@@ -388,3 +388,38 @@ def test_no_reference_without_fitting_data(
     assert not Path(stored.path_of("reference.json")).exists()
     with pytest.raises(ExportError, match="no validation images"):
         export.attach_reference(settings)  # 3 classes, the data has 10
+
+
+def test_batch_profile_keeps_each_sizes_least_disturbed_round(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The sizes take turns, so a busy spell slows every size of one round, and that round loses."""
+    per_image_ms = {1: 10.0, 2: 9.5, 4: 11.0}
+    clock = {"now": 0.0, "round": -1}
+    calls: list[int] = []
+
+    class FakeSession:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def run(self, outputs: Any, feeds: dict[str, NDArray[np.float32]]) -> None:
+            size = len(next(iter(feeds.values())))
+            if size == 1 and calls[-1:] != [1]:
+                clock["round"] += 1  # the sizes run in order: size 1 opens a round
+            calls.append(size)
+            busy = 3.0 if clock["round"] == 1 else 1.0  # the first timed round: a busy machine
+            clock["now"] += per_image_ms[size] * size * busy / 1000
+
+    monkeypatch.setattr("train.export.ort.InferenceSession", FakeSession)
+    monkeypatch.setattr("train.export.time.perf_counter", lambda: clock["now"])
+    profile = export.batch_profile(tmp_path / "m.onnx", SPEC, [4, 1, 2], seconds=0.3, rounds=3)
+    assert profile["rounds"] == 3
+    assert profile["ms_per_image"] == {"1": 10.0, "2": 9.5, "4": 11.0}
+    # One warm-up call each, then every round visits each size in turn.
+    timed = [size for index, size in enumerate(calls[3:]) if calls[3:][index - 1 : index] != [size]]
+    assert calls[:3] == [1, 2, 4] and timed == [1, 2, 4] * 3
+    # The same busy spell without rounds to compare would set the profile.
+    clock.update(now=0.0, round=-1)
+    calls.clear()
+    once = export.batch_profile(tmp_path / "m.onnx", SPEC, [1, 2, 4], seconds=0.3, rounds=1)
+    assert once["ms_per_image"] == {"1": 30.0, "2": 28.5, "4": 33.0}

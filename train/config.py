@@ -288,6 +288,11 @@ class ExportConfig(_Section):
     batch_profile_seconds: float = Field(
         0.3, gt=0, le=10, description="Timing per batch size when profiling at import."
     )
+    batch_profile_rounds: PositiveInt = Field(
+        1,
+        le=100,
+        description="The sizes take turns this many times, each keeping its fastest round.",
+    )
 
 
 class SweepConfig(_Section):
