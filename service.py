@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 from common.alerts import load_alert_settings
 from common.drift import DriftMonitor, Reference
 from common.model_format import REFERENCE_FILE
-from serving.balance import ConnectionBalance
+from serving.balance import ConnectionBalance, RecentClients
 from serving.bentoml_bridge import cancel_request_timers
 from serving.gate import ApiKeyGuard, UploadGate
 from serving.lineage import model_info, served_tag
@@ -70,12 +70,14 @@ class Classifier:
         stored = cast(bentoml.Model, self.model_ref)
         self.runtime = ModelRuntime.from_bento_model(stored, SETTINGS)
         self.lineage = model_info(stored)  # GET /model (serving.gate)
+        self.clients = RecentClients()  # one client: nothing can join its batch (serving.gate)
         # BentoML gives each `bentoml serve` its own PROMETHEUS_MULTIPROC_DIR, shared by its workers.
         self.balance = ConnectionBalance.for_worker(
             os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
             SETTINGS.workers,
             bentoml.server_context.worker_index,
             SETTINGS.connection_balance_margin,
+            self.clients,
         )
         self.recorder = PredictionRecorder(
             service_metrics(),

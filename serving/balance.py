@@ -22,20 +22,59 @@ from pathlib import Path
 SLOT = 8
 
 
+class RecentClients:
+    """The client connections (addresses) a worker answered within the last ``window_s``.
+
+    HTTP/1.1 connections carry one request at a time, so this is also the most requests that
+    can be in flight together in the worker: with one client nothing can join a batch.
+    """
+
+    def __init__(self, window_s: float = 0.5) -> None:
+        """Remember each client for ``window_s`` seconds after its last answer."""
+        self.window_s = window_s
+        self._last_seen: dict[Hashable, float] = {}
+        self._pruned = 0.0
+
+    def note(self, client: Hashable) -> int:
+        """Note an answer to ``client``; how many clients were answered within the window."""
+        now = time.monotonic()
+        seen = self._last_seen
+        seen[client] = now
+        if now - self._pruned > self.window_s / 2:
+            self._pruned = now
+            for old in [c for c, t in seen.items() if now - t > self.window_s]:
+                del seen[old]
+        return len(seen)
+
+    def forget(self, client: Hashable) -> None:
+        """``client``'s connection is closing."""
+        self._last_seen.pop(client, None)
+
+    def __len__(self) -> int:
+        """How many clients were answered within the window (at the last :meth:`note`)."""
+        return len(self._last_seen)
+
+
 class ConnectionBalance:
     """This worker's slot among every worker's count of connections."""
 
     def __init__(
-        self, path: Path, workers: int, index: int, margin: int, window_s: float = 0.5
+        self,
+        path: Path,
+        workers: int,
+        index: int,
+        margin: int,
+        clients: RecentClients | None = None,
     ) -> None:
-        """Open (or create) the shared file at ``path``; ``index`` is this worker's slot (0-based)."""
+        """Open (or create) the shared file at ``path``; ``index`` is this worker's slot (0-based).
+
+        ``clients``: the worker's recent clients (the gate shares them with the batcher).
+        """
         if not 0 <= index < workers:
             raise ValueError(f"worker slot {index} is outside 0..{workers - 1}")
         self.index = index
         self.margin = margin
-        self.window_s = window_s
-        self._last_seen: dict[Hashable, float] = {}
-        self._pruned = 0.0
+        self.clients = clients if clients is not None else RecentClients()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size < workers * SLOT:
@@ -48,13 +87,19 @@ class ConnectionBalance:
 
     @classmethod
     def for_worker(
-        cls, directory: str | None, workers: int, worker_index: int | None, margin: int
+        cls,
+        directory: str | None,
+        workers: int,
+        worker_index: int | None,
+        margin: int,
+        clients: RecentClients | None = None,
     ) -> ConnectionBalance | None:
         """The balance of a BentoML worker (1-based ``worker_index``), or ``None`` where there is
         nothing to balance: one worker, no worker index, or no per-server directory."""
         if workers < 2 or margin < 1 or worker_index is None or not directory:
             return None
-        return cls(Path(directory) / "fashion_serve_connections", workers, worker_index - 1, margin)
+        path = Path(directory) / "fashion_serve_connections"
+        return cls(path, workers, worker_index - 1, margin, clients)
 
     def should_close(self, client: Hashable) -> bool:
         """Note a request from ``client`` (its address); whether to close its connection now.
@@ -62,17 +107,11 @@ class ConnectionBalance:
         True when this worker serves ``margin`` or more connections than the least busy one;
         the connection then stops counting here.
         """
-        now = time.monotonic()
-        seen = self._last_seen
-        seen[client] = now
-        if now - self._pruned > self.window_s / 2:
-            self._pruned = now
-            for old in [c for c, t in seen.items() if now - t > self.window_s]:
-                del seen[old]
+        served = self.clients.note(client)
         counts = self._counts
-        if len(seen) - min(counts) >= self.margin:
-            del seen[client]
-            counts[self.index] = len(seen)
+        if served - min(counts) >= self.margin:
+            self.clients.forget(client)
+            counts[self.index] = served - 1
             return True
-        counts[self.index] = len(seen)
+        counts[self.index] = served
         return False

@@ -64,8 +64,11 @@ class Batcher:
         self._scheduled = False  # a batch is due or running; the queue waits for it
         self._threaded: asyncio.Task[None] | None = None  # held: the loop keeps weak references
 
-    async def __call__(self, pixels: NDArray[np.float32]) -> list[Prediction]:
+    async def __call__(self, pixels: NDArray[np.float32], alone: bool = False) -> list[Prediction]:
         """The predictions for ``pixels`` (one request's images), in order.
+
+        ``alone``: no other request can join (the worker serves one client connection), so an
+        idle model runs them at once, as with batching off, without a turn of the loop.
 
         Raises:
             BadInputError: 503 ``overloaded`` when the queue ahead would take longer than
@@ -83,6 +86,12 @@ class Batcher:
                 f"the service is overloaded: about {expected * 1000:.0f} ms of queued work "
                 f"(max_latency_ms {self.max_latency_s * 1000:.0f})",
             )
+        if (
+            alone
+            and not self._scheduled
+            and min(len(pixels), self.max_batch_size) <= self.inline_max
+        ):
+            return [p for chunk in self._chunks(pixels) for p in self._timed(chunk)]
         loop = asyncio.get_running_loop()
         waiting = _Waiting(pixels, loop.create_future())
         self._queue.append(waiting)

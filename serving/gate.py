@@ -40,7 +40,7 @@ from serving.uploads import parse_multipart, read_body, select_files
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-    from serving.balance import ConnectionBalance
+    from serving.balance import ConnectionBalance, RecentClients
     from serving.batching import Batcher
     from serving.runtime import ModelRuntime
 
@@ -205,12 +205,12 @@ class UploadGate:
         await send_json(send, 200, self._document, method=method)
 
     async def answer(
-        self, batcher: Batcher, exchange: Exchange, single: bool, send: Send
+        self, batcher: Batcher, exchange: Exchange, single: bool, send: Send, alone: bool = False
     ) -> BadInputError | None:
         """Run the API's batcher on the parsed pixels and send its JSON; the error sent, if any."""
         error = None
         try:
-            exchange.predictions = await batcher(exchange.pixels)
+            exchange.predictions = await batcher(exchange.pixels, alone)
         except BadInputError as exc:  # 503 overloaded
             error = exc
         except Exception:  # noqa: BLE001 - the edge: answer 500, details only in the log
@@ -280,13 +280,16 @@ class UploadGate:
         runtime: ModelRuntime = current.runtime
         recorder: PredictionRecorder = current.recorder
         balance: ConnectionBalance | None = current.balance
+        clients: RecentClients = current.clients
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-                if balance is not None and balance.should_close(scope.get("client")):
+                if balance is None:
+                    clients.note(scope.get("client"))
+                elif balance.should_close(scope.get("client")):
                     headers.append((b"connection", b"close"))  # reconnect to a freer worker
                 message["headers"] = headers
             await send(message)
@@ -311,7 +314,11 @@ class UploadGate:
             await send_error(send_with_id, exc)
         if exchange is not None:
             exchange.handed = time.perf_counter()
-            error = await self.answer(runtime.batchers[api], exchange, single, send_with_id)
+            # HTTP/1.1 carries one request per connection at a time: with one client connection
+            # no other request can join a batch, so it need not wait a turn of the loop for one.
+            alone = len(clients) <= 1
+            batcher = runtime.batchers[api]
+            error = await self.answer(batcher, exchange, single, send_with_id, alone)
         latency = time.perf_counter() - started
         kind = error.kind if error else (f"http_{status}" if status >= 400 else None)
         if kind is not None:

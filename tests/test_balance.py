@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.balance import ConnectionBalance
+from serving.balance import ConnectionBalance, RecentClients
 
 
 def test_a_worker_with_more_connections_closes_until_balanced(tmp_path: Path) -> None:
@@ -25,7 +25,7 @@ def test_a_worker_with_more_connections_closes_until_balanced(tmp_path: Path) ->
 def test_connections_not_seen_for_a_window_stop_counting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    balance = ConnectionBalance(tmp_path / "counts", 2, 0, margin=3, window_s=1.0)
+    balance = ConnectionBalance(tmp_path / "counts", 2, 0, margin=3, clients=RecentClients(1.0))
     now = [100.0]
     monkeypatch.setattr("serving.balance.time.monotonic", lambda: now[0])
     assert not balance.should_close("a") and not balance.should_close("b")
@@ -48,3 +48,17 @@ def test_nothing_to_balance(
 def test_a_worker_slot_outside_the_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="outside"):
         ConnectionBalance(tmp_path / "counts", 2, 2, margin=2)
+
+
+def test_recent_clients_count_each_connection_once_within_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clients = RecentClients(window_s=1.0)
+    now = [50.0]
+    monkeypatch.setattr("serving.balance.time.monotonic", lambda: now[0])
+    assert clients.note("a") == 1 and clients.note("a") == 1  # keep-alive: the same connection
+    assert clients.note("b") == 2 and len(clients) == 2
+    clients.forget("b")
+    assert len(clients) == 1
+    now[0] += 2.0
+    assert clients.note("c") == 1  # a went quiet a window ago

@@ -66,6 +66,36 @@ def test_one_request_at_a_time_is_never_held_back() -> None:
     assert model.batches == [[1.0], [2.0], [3.0]]
 
 
+def test_a_request_alone_runs_at_once_without_a_turn_of_the_loop() -> None:
+    """With one client nothing can join: the model runs inside the call, in chunks of the cap."""
+    model = Model()
+    queue = batcher(model, max_batch_size=2)
+
+    async def main() -> tuple[Any, list[str]]:
+        events: list[str] = []
+        asyncio.get_running_loop().call_soon(events.append, "next turn")
+        answer = await queue(images(1, 2, 3), alone=True)
+        events.append("answered")
+        joined = await asyncio.gather(queue(images(4)), queue(images(5)))  # not alone: they wait
+        return [answer, *joined], events
+
+    answers, events = asyncio.run(main())
+    assert answers == [[1.0, 2.0, 3.0], [4.0], [5.0]]
+    assert events[0] == "answered"  # before the loop's next turn
+    assert model.batches == [[1.0, 2.0], [3.0], [4.0, 5.0]]
+
+
+def test_a_request_alone_still_waits_behind_a_batch_in_flight() -> None:
+    model = Model()
+    queue = batcher(model)
+
+    async def main() -> Any:
+        return await asyncio.gather(queue(images(1)), queue(images(2), alone=True))
+
+    assert asyncio.run(main()) == [[1.0], [2.0]]
+    assert model.batches == [[1.0, 2.0]]  # it joined the batch already due
+
+
 def test_batches_stay_within_the_cap_and_big_requests_run_in_chunks() -> None:
     model = Model()
     queue = batcher(model, max_batch_size=3)

@@ -32,6 +32,7 @@ from starlette.testclient import TestClient
 
 import service
 from serving import gate
+from serving.balance import RecentClients
 from serving.runtime import ModelRuntime
 from serving.schema import (
     DECODE_STATUS,
@@ -396,7 +397,7 @@ def test_gate_answers_model_call_failures_as_json(
     kind: str,
     hidden: str | None,
 ) -> None:
-    async def failing(pixels: NDArray[np.float32]) -> list[Prediction]:
+    async def failing(pixels: NDArray[np.float32], alone: bool = False) -> list[Prediction]:
         raise raised
 
     runtime: ModelRuntime = bentoml.get_current_service().runtime
@@ -408,6 +409,28 @@ def test_gate_answers_model_call_failures_as_json(
         assert hidden not in response.text
     monkeypatch.undo()
     assert inprocess.post("/predict", **one("image", PNG)).status_code == 200
+
+
+def test_a_request_is_handed_over_alone_only_while_the_worker_has_one_client(
+    inprocess: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One client connection cannot fill a batch; a second one within the window can."""
+    current = bentoml.get_current_service()
+    runtime: ModelRuntime = current.runtime
+    batcher = runtime.batchers["predict"]
+    handed: list[bool] = []
+
+    async def spy(pixels: NDArray[np.float32], alone: bool = False) -> list[Prediction]:
+        handed.append(alone)
+        return await batcher(pixels, alone)
+
+    monkeypatch.setitem(runtime.batchers, "predict", spy)
+    monkeypatch.setattr(current, "clients", RecentClients(window_s=60.0))
+    assert inprocess.post("/predict", **one("image", PNG)).status_code == 200
+    assert inprocess.post("/predict", **one("image", PNG)).status_code == 200  # same client
+    current.clients.note(("192.0.2.7", 40000))  # another connection answered just now
+    assert inprocess.post("/predict", **one("image", PNG)).status_code == 200
+    assert handed == [True, True, False]
 
 
 # --------------------------------------------------------------------------- served process only
