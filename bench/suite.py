@@ -246,7 +246,9 @@ def short_trained_efficientnet(home: Path, module_path: Path, tiny: bool) -> tup
     model.eval()
     minutes = (time.perf_counter() - started) / 60
     torch.save(model, module_path)
-    tag = import_tiny(model, home, classes=classes, run_id="bench-short-run")
+    # Imported as `make import` would (configs/export.yaml): its batch profile sets the cap.
+    export = None if tiny else load_settings().export
+    tag = import_tiny(model, home, classes=classes, run_id="bench-short-run", export=export)
     return tag, (
         f"`{tag}`: EfficientNet-Lite0, ImageNet weights, {steps['input_size']} px inside the "
         f"network, fine-tuned on {count} training images ({minutes:.1f} min, CPU)"

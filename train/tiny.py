@@ -43,8 +43,11 @@ def import_tiny(
     version: str = "1",
     classes: Sequence[str] = TINY_CLASSES,
     run_id: str | None = None,
+    export: ExportConfig | None = None,
 ) -> str:
     """Import ``model`` as registered version ``version`` through ``@champion`` into the store at ``home``.
+
+    ``export``: the import settings (default: the fast defaults, e.g. a one-round batch profile).
 
     Returns:
         The BentoML model tag (``fashion-classifier:<version id>``).
@@ -60,7 +63,9 @@ def import_tiny(
         "run_id": run_id or f"r{version}",
     }
     with model_store_at(home):
-        tag = import_to_bento(model, list(classes), TINY_SPEC, lineage, parity, ExportConfig())
+        tag = import_to_bento(
+            model, list(classes), TINY_SPEC, lineage, parity, export or ExportConfig()
+        )
     return str(tag)
 
 
