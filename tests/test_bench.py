@@ -341,3 +341,20 @@ def test_photo_folder_tiny(tmp_path: Path) -> None:
     assert (
         "120 JPEGs" in again.stdout and root.joinpath(".complete.json").stat().st_mtime_ns == stamp
     )
+
+
+def test_pyspy_shares_count_each_function_once_per_sample(tmp_path: Path) -> None:
+    from bench import pyspy_shares
+
+    raw = tmp_path / "worker.raw"
+    raw.write_text(
+        "run (a/loop.py:10);handle (b/gate.py:5);handle (b/gate.py:9);model (c/rt.py:3) 3\n"
+        "run (a/loop.py:10);send (d/http.py:7) 1\n"
+    )
+    total, inclusive, own = pyspy_shares.shares(raw.read_text().splitlines())
+    assert total == 4
+    assert inclusive["run (loop.py)"] == 4 and inclusive["handle (gate.py)"] == 3  # not 6
+    assert own == {"model (rt.py)": 3, "send (http.py)": 1}
+    assert pyspy_shares.main([str(raw), "--top", "2"]) == 0
+    (tmp_path / "empty.raw").write_text("")
+    assert pyspy_shares.main([str(tmp_path / "empty.raw")]) == 1
