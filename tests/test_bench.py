@@ -358,3 +358,24 @@ def test_pyspy_shares_count_each_function_once_per_sample(tmp_path: Path) -> Non
     assert pyspy_shares.main([str(raw), "--top", "2"]) == 0
     (tmp_path / "empty.raw").write_text("")
     assert pyspy_shares.main([str(tmp_path / "empty.raw")]) == 1
+
+
+def test_batch_profile_command_prints_each_profile_and_its_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import batch_profile
+    from train.tiny import tiny_model_in
+
+    tag = tiny_model_in(tmp_path)
+    monkeypatch.setenv("FASHION_SERVE__EXPORT__BATCH_PROFILE_SECONDS", "0.05")
+    monkeypatch.setenv("FASHION_SERVE__EXPORT__BATCH_PROFILE_ROUNDS", "2")
+    assert (
+        batch_profile.main(["--bentoml-home", str(tmp_path), "--model-tag", tag, "--repeat", "2"])
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{tag}: 2 rounds, 0.05 s per size (configs/export.yaml)"
+    assert len(lines) == 3
+    for line in lines[1:]:
+        assert "× batch 1: 1: 1.000, 2: " in line and ", 64: " in line
+        assert int(line.rsplit("/predict cap ", 1)[1]) in (1, 2, 4, 8, 16, 32, 64)
