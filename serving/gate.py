@@ -316,7 +316,8 @@ class UploadGate:
             exchange.handed = time.perf_counter()
             # HTTP/1.1 carries one request per connection at a time: with one client connection
             # no other request can join a batch, so it need not wait a turn of the loop for one.
-            alone = len(clients) <= 1
+            # Without a client address (a Unix socket) connections cannot be told apart.
+            alone = scope.get("client") is not None and len(clients) <= 1
             batcher = runtime.batchers[api]
             error = await self.answer(batcher, exchange, single, send_with_id, alone)
         latency = time.perf_counter() - started

@@ -433,6 +433,32 @@ def test_a_request_is_handed_over_alone_only_while_the_worker_has_one_client(
     assert handed == [True, True, False]
 
 
+def test_without_a_client_address_a_request_is_never_taken_as_alone(
+    inprocess: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Unix socket gives no client address, so its connections cannot be counted."""
+    current = bentoml.get_current_service()
+    runtime: ModelRuntime = current.runtime
+    batcher = runtime.batchers["predict"]
+    handed: list[bool] = []
+
+    async def spy(pixels: NDArray[np.float32], alone: bool = False) -> list[Prediction]:
+        handed.append(alone)
+        return await batcher(pixels, alone)
+
+    monkeypatch.setitem(runtime.batchers, "predict", spy)
+    monkeypatch.setattr(current, "clients", RecentClients(window_s=60.0))
+    app = inprocess.app
+
+    async def without_address(scope: Any, receive: Any, send: Any) -> None:
+        await app({**scope, "client": None}, receive, send)
+
+    unix_client = TestClient(without_address)  # the app is already started by `inprocess`
+    for _ in range(2):
+        assert unix_client.post("/predict", **one("image", PNG)).status_code == 200
+    assert handed == [False, False]
+
+
 # --------------------------------------------------------------------------- served process only
 
 
