@@ -411,10 +411,8 @@ def test_gate_answers_model_call_failures_as_json(
     assert inprocess.post("/predict", **one("image", PNG)).status_code == 200
 
 
-def test_a_request_is_handed_over_alone_only_while_the_worker_has_one_client(
-    inprocess: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One client connection cannot fill a batch; a second one within the window can."""
+def record_alone_hand_overs(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each /predict from now on is handed to the batcher as alone; fresh client counts."""
     current = bentoml.get_current_service()
     runtime: ModelRuntime = current.runtime
     batcher = runtime.batchers["predict"]
@@ -426,9 +424,17 @@ def test_a_request_is_handed_over_alone_only_while_the_worker_has_one_client(
 
     monkeypatch.setitem(runtime.batchers, "predict", spy)
     monkeypatch.setattr(current, "clients", RecentClients(window_s=60.0))
+    return handed
+
+
+def test_a_request_is_handed_over_alone_only_while_the_worker_has_one_client(
+    inprocess: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One client connection cannot fill a batch; a second one within the window can."""
+    handed = record_alone_hand_overs(monkeypatch)
     assert inprocess.post("/predict", **one("image", PNG)).status_code == 200
     assert inprocess.post("/predict", **one("image", PNG)).status_code == 200  # same client
-    current.clients.note(("192.0.2.7", 40000))  # another connection answered just now
+    bentoml.get_current_service().clients.note(("192.0.2.7", 40000))  # another connection, now
     assert inprocess.post("/predict", **one("image", PNG)).status_code == 200
     assert handed == [True, True, False]
 
@@ -437,17 +443,7 @@ def test_without_a_client_address_a_request_is_never_taken_as_alone(
     inprocess: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Unix socket gives no client address, so its connections cannot be counted."""
-    current = bentoml.get_current_service()
-    runtime: ModelRuntime = current.runtime
-    batcher = runtime.batchers["predict"]
-    handed: list[bool] = []
-
-    async def spy(pixels: NDArray[np.float32], alone: bool = False) -> list[Prediction]:
-        handed.append(alone)
-        return await batcher(pixels, alone)
-
-    monkeypatch.setitem(runtime.batchers, "predict", spy)
-    monkeypatch.setattr(current, "clients", RecentClients(window_s=60.0))
+    handed = record_alone_hand_overs(monkeypatch)
     app = inprocess.app
 
     async def without_address(scope: Any, receive: Any, send: Any) -> None:
