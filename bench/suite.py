@@ -19,7 +19,8 @@ For each model:
 
    - ``service``: ``bentoml serve service:Classifier`` as configured (ONNX Runtime, adaptive
      batching); its cold start (spawn to ``/readyz``) is the one the goals refer to;
-   - ``batching_off``: the same with ``predict.max_batch_size: 1``;
+   - ``batching_off``: the same with ``predict.max_batch_size: 1``; these two run twice, in
+     the order on, off, off, on, and each cell adds both rounds up;
    - ``torch`` (small model): the same service with ``backend: torch`` (eager torch);
    - ``peer``: ``bench/peer_fastapi.py``, FastAPI + uvicorn + eager torch, no batching, as many
      workers as the service;
@@ -113,6 +114,9 @@ GOAL_BATCH_OF_RAW = 0.5
 GOAL_BATCHING_RATIO = 1.0
 GOAL_P50_MS = 5.0
 GOAL_COLD_START_S = 5.0
+#: Batching on and off run twice each, in the order A B B A, and each cell adds both rounds up:
+#: run one after the other, whichever went first measured a few % slower at concurrency 1.
+ALTERNATED = ("service", "batching_off")
 #: The EfficientNet's short training run: images, batch size and input size (``--tiny``: 32 px).
 EFFICIENTNET_STEPS = {"images": 256, "batch": 32, "input_size": 224}
 EFFICIENTNET_TINY_STEPS = {"images": 16, "batch": 8, "input_size": 32}
@@ -452,6 +456,71 @@ class SetupResult:
     rows: list[Row]
     settings: dict[str, Any] = field(default_factory=dict)
     stopped: str = ""
+    #: Per row, req/s in each round, when the setup ran more than once (:data:`ALTERNATED`).
+    round_rates: list[list[float]] = field(default_factory=list)
+
+
+def setup_order(setups: Sequence[str]) -> list[str]:
+    """The order the setups run in: the :data:`ALTERNATED` pair as A B B A, then the rest."""
+    pair = [name for name in ALTERNATED if name in setups]
+    if len(pair) < len(ALTERNATED):
+        return list(setups)
+    return pair + pair[::-1] + [name for name in setups if name not in pair]
+
+
+def merge_rows(rows: Sequence[Row]) -> Row:
+    """One row for the same scenario measured in several rounds.
+
+    Counts and durations add up (so req/s is over all rounds), CPU shares, batch sizes and
+    load are averaged, and each latency percentile is the worst round's.
+    """
+
+    def mean(values: Sequence[float]) -> float:
+        return sum(values) / len(values)
+
+    errors: dict[str, int] = {}
+    server_errors: dict[str, float] = {}
+    for row in rows:
+        for kind, count in row.errors.items():
+            errors[kind] = errors.get(kind, 0) + count
+        for kind, value in row.server_errors.items():
+            server_errors[kind] = server_errors.get(kind, 0.0) + value
+    server_cpu = [row.server_cpu_pct for row in rows if row.server_cpu_pct is not None]
+    batches = [row.mean_batch for row in rows if row.mean_batch is not None]
+    return Row(
+        scenario=rows[0].scenario,
+        tool=rows[0].tool,
+        duration_s=sum(row.duration_s for row in rows),
+        requests=sum(row.requests for row in rows),
+        ok=sum(row.ok for row in rows),
+        p50_ms=max(row.p50_ms for row in rows),
+        p90_ms=max(row.p90_ms for row in rows),
+        p99_ms=max(row.p99_ms for row in rows),
+        errors=errors,
+        client_cpu_pct=mean([row.client_cpu_pct for row in rows]),
+        server_cpu_pct=mean(server_cpu) if len(server_cpu) == len(rows) else None,
+        mean_batch=mean(batches) if len(batches) == len(rows) else None,
+        load1=mean([row.load1 for row in rows]),
+        server_errors=server_errors,
+    )
+
+
+def merge_rounds(rounds: Sequence[SetupResult]) -> SetupResult:
+    """One result for a setup that ran in several rounds (same scenarios, in the same order)."""
+    first = rounds[0]
+    if len(rounds) == 1:
+        return first
+    per_scenario = list(zip(*(result.rows for result in rounds), strict=True))
+    return SetupResult(
+        first.model,
+        first.name,
+        first.title,
+        first.cold_start_s,  # the first start: the one a user meets
+        [merge_rows(rows) for rows in per_scenario],
+        first.settings,
+        "; ".join(dict.fromkeys(result.stopped for result in rounds)),
+        [[row.requests_per_s for row in rows] for rows in per_scenario],
+    )
 
 
 def setup_env(name: str, files: ModelFiles, options: Options) -> dict[str, str]:
@@ -680,6 +749,18 @@ def render_rows(results: Sequence[SetupResult], raw: Sequence[RawResult], nproc:
     return "\n".join(lines) + "\n"
 
 
+def round_text(result: SetupResult) -> str:
+    """``; 2 rounds (A B B A), req/s per round: /predict c=1 1010/1057, ...`` or nothing."""
+    if not result.round_rates:
+        return ""
+    cells = ", ".join(
+        f"{row.scenario.name} c={row.scenario.concurrency} "
+        + "/".join(f"{rate:.0f}" for rate in rates)
+        for row, rates in zip(result.rows, result.round_rates, strict=True)
+    )
+    return f"; {len(result.round_rates[0])} rounds (A B B A), req/s per round: {cells}"
+
+
 def render_markdown(report: dict[str, Any], results: Sequence[SetupResult]) -> str:
     """The whole ``docs/benchmarks.md``."""
     machine = report["machine"]
@@ -721,6 +802,7 @@ def render_markdown(report: dict[str, Any], results: Sequence[SetupResult]) -> s
             f"- **{result.model} {result.name}**: {result.title}; cold start (spawn to `/readyz` "
             f"= 200) {result.cold_start_s:.1f} s; {result.stopped}"
             + (f"; settings: {settings}" if result.name != "peer" else "")
+            + round_text(result)
         )
     lines += [
         "",
@@ -855,12 +937,14 @@ def run(options: Options) -> tuple[dict[str, Any], list[SetupResult]]:
             raw += raw_throughput(files, pixels, sorted({1, nproc}), options.raw_seconds)
             if nproc > 1:
                 raw += raw_per_process(files, pixels, nproc, options.raw_seconds, workdir)
-            for name in SIZES[model].setups:
-                if name not in options.setups:
-                    continue
+            rounds: dict[str, list[SetupResult]] = {}
+            chosen = [name for name in SIZES[model].setups if name in options.setups]
+            for name in setup_order(chosen):
                 text = options.scenarios or scenarios_for(SIZES[model], name)
                 scenarios = serving.parse_scenarios(text)
-                results.append(run_setup(name, scenarios, files, images, tool, options, workdir))
+                result = run_setup(name, scenarios, files, images, tool, options, workdir)
+                rounds.setdefault(name, []).append(result)
+            results += [merge_rounds(rounds[name]) for name in chosen]
     training = None
     if options.training:
         from bench import training as training_bench
@@ -890,6 +974,7 @@ def run(options: Options) -> tuple[dict[str, Any], list[SetupResult]]:
                 "title": r.title,
                 "cold_start_s": r.cold_start_s,
                 "settings": r.settings,
+                "round_rates": r.round_rates,
                 "rows": [
                     {
                         "endpoint": row.scenario.endpoint,

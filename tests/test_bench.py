@@ -192,6 +192,29 @@ def test_goals_are_checked_from_the_rows() -> None:
     assert "## Training speed" in page
 
 
+def test_batching_on_and_off_alternate_and_their_rounds_add_up() -> None:
+    everything = list(suite.SIZES["small"].setups)
+    assert suite.setup_order(everything) == [
+        "service", "batching_off", "batching_off", "service", "torch", "peer", "asgi_floor",
+    ]  # fmt: skip
+    assert suite.setup_order(["peer", "service"]) == ["peer", "service"]  # no pair, no repeat
+    first = suite.SetupResult(
+        "small", "service", "s", 3.0, [_row("predict", 1, 100, 4.0, 9.0)], stopped="stopped"
+    )
+    second = suite.SetupResult(
+        "small", "service", "s", 5.0, [_row("predict", 1, 300, 2.0, 12.0)], stopped="stopped"
+    )
+    second.rows[0].errors["timeout"] = 2
+    merged = suite.merge_rounds([first, second])
+    (row,) = merged.rows
+    assert row.requests_per_s == 200.0  # 400 answers in 2 s
+    assert (row.p50_ms, row.p99_ms) == (4.0, 12.0)  # the worse round
+    assert row.errors["timeout"] == row.error_count == 2 and merged.cold_start_s == 3.0
+    assert merged.round_rates == [[100.0, 300.0]]
+    assert "2 rounds (A B B A), req/s per round: /predict c=1 100/300" in suite.round_text(merged)
+    assert suite.merge_rounds([first]) is first and suite.round_text(first) == ""
+
+
 def test_training_table_renders_speedups() -> None:
     rows = [
         training.TrainingSpeed("simple_cnn", "DataLoader", 2, 128, 10, 500.0),
@@ -228,6 +251,8 @@ def test_suite_smoke_tiny(tmp_path: Path) -> None:
         (row,) = setup["rows"]
         assert row["requests_per_s"] > 0 and sum(row["errors"].values()) == 0, setup
     mean_batches = {(s["model"], s["name"]): s["rows"][0]["mean_batch"] for s in report["setups"]}
+    rounds = {(s["model"], s["name"]): s["round_rates"] for s in report["setups"]}
+    assert len(rounds["small", "batching_off"][0]) == 2 and rounds["small", "peer"] == []
     assert mean_batches["small", "batching_off"] == 1.0 and mean_batches["small", "peer"] is None
     assert {(r["model"], r["runtime"]) for r in report["raw"]} == {
         (model, runtime) for model in suite.SIZES for runtime in ("ONNX Runtime", "eager torch")
