@@ -60,7 +60,10 @@ def test_bentomls_request_timers_are_cancelled_once_answered() -> None:
     assert cancel_request_timers() is True  # once per process is enough; twice is harmless
     timers: list[asyncio.TimerHandle] = []
 
+    tasks: list[asyncio.Task[Any] | None] = []
+
     async def app(scope: Any, receive: Any, send: Any) -> None:
+        tasks.append(asyncio.current_task())
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -73,7 +76,7 @@ def test_bentomls_request_timers_are_cancelled_once_answered() -> None:
 
         def recording(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
             handle = schedule(delay, callback, *args)
-            if getattr(callback, "__name__", "") == "_set_timer_out":  # the middleware's timer
+            if getattr(callback, "__name__", "") == "time_out":  # the middleware's timer
                 timers.append(handle)
             return handle
 
@@ -86,12 +89,48 @@ def test_bentomls_request_timers_are_cancelled_once_answered() -> None:
 
         middleware: Any = traffic.TimeoutMiddleware
         await middleware(app, timeout=30)({"type": "http"}, None, send)
+        assert tasks == [asyncio.current_task()]  # no second task per request
         await middleware(slow, timeout=0.01)({"type": "http"}, None, send)
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+        # A response that started in time is not cut off, however long the rest takes.
+        await middleware(started_then_slow, timeout=0.01)({"type": "http"}, None, send)
         return sent
 
+    async def started_then_slow(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await asyncio.sleep(0.05)
+        await send({"type": "http.response.body", "body": b"late"})
+
     sent = asyncio.run(main())
-    assert [t.cancelled() for t in timers] == [True, True]
-    assert [m.get("status") for m in sent if m["type"] == "http.response.start"] == [200, 504]
+    assert [t.cancelled() for t in timers] == [True, True, True]
+    assert [m.get("status") for m in sent if m["type"] == "http.response.start"] == [200, 504, 201]
+    assert sent[-1]["body"] == b"late"
+
+
+def test_a_request_cancelled_by_the_server_is_not_answered_504() -> None:
+    from bentoml._internal.server.http import traffic
+
+    from serving.bentoml_bridge import cancel_request_timers
+
+    assert cancel_request_timers() is True
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(10)
+
+    async def main() -> None:
+        middleware: Any = traffic.TimeoutMiddleware
+        request = asyncio.create_task(middleware(slow, timeout=30)({"type": "http"}, None, send))
+        await asyncio.sleep(0.01)
+        request.cancel()  # e.g. the server shutting down
+        with pytest.raises(asyncio.CancelledError):
+            await request
+
+    asyncio.run(main())
+    assert sent == []
 
 
 def test_another_timeout_middleware_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
