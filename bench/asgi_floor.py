@@ -7,9 +7,10 @@ JSON. Nothing else: no batching, metrics, request log, prediction data, API key,
 middleware; bad input is simply a 400. ``GET /readyz`` answers 200.
 
 ``bench/suite.py`` serves it as setup ``asgi_floor`` with ``python -m bench.peer_serve --app
-bench.asgi_floor:app --workers N`` (uvicorn, ``TCP_NODELAY``), on the model that ``service.py``
-serves (``BENTOML_HOME`` and ``FASHION_SERVE_SERVING__MODEL_TAG``). Its requests/s against the raw
-model limit is what the service could reach if everything it adds cost nothing.
+bench.asgi_floor:app --workers N --reuse-port`` (uvicorn, ``TCP_NODELAY``, a socket per worker),
+on the model that ``service.py`` serves (``BENTOML_HOME`` and ``FASHION_SERVE_SERVING__MODEL_TAG``).
+Its requests/s against the raw model limit is what the service could reach if everything it adds
+cost nothing.
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,9 @@ import pytest
 from PIL import Image
 
 from bench import loadgen, serving, suite, training
+from serving.launch import free_port, wait_ready
 from serving.uploads import parse_multipart, select_files
-from tests.serving_helpers import run_ok, tiny_bench_flags
+from tests.serving_helpers import ROOT, run_ok, tiny_bench_flags
 
 
 def test_parse_scenarios() -> None:
@@ -213,6 +216,70 @@ def test_batching_on_and_off_alternate_and_their_rounds_add_up() -> None:
     assert merged.round_rates == [[100.0, 300.0]]
     assert "2 rounds (A B B A), req/s per round: /predict c=1 100/300" in suite.round_text(merged)
     assert suite.merge_rounds([first]) is first and suite.round_text(first) == ""
+
+
+async def worker_pid_app(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app that answers the process id of the worker that took the connection."""
+    if scope["type"] != "http":
+        return
+    body = str(os.getpid()).encode()
+    headers = [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _read_all(connection: socket.socket) -> bytes:
+    with connection:
+        connection.settimeout(10)
+        chunks = []
+        while chunk := connection.recv(4096):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_floor_gives_each_worker_a_socket_of_its_own() -> None:
+    """``--reuse-port``: new connections reach both workers, and SIGTERM stops them all."""
+    port = free_port()
+    command = suite.peer_command(2, "tests.test_bench:worker_pid_app", reuse_port=True)
+    process = subprocess.Popen([*command, f"--port={port}"], cwd=ROOT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, 60, lambda: process.poll() is None, path="/")
+        # Opened together, as wrk opens them: one shared socket can hand them all to one worker.
+        connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
+        for connection in connections:
+            connection.sendall(b"GET / HTTP/1.1\r\nHost: floor\r\n\r\n")
+        answers = [_read_all(connection) for connection in connections]
+        pids = Counter(answer.rpartition(b"\r\n\r\n")[2].decode() for answer in answers)
+        assert len(pids) == 2 and str(process.pid) not in pids, pids
+        assert min(pids.values()) >= 4, pids  # spread by address hash: 4 of 32 is 1 in 10^5
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
+
+
+@pytest.mark.parametrize(
+    ("on_rounds", "off_rounds", "met"),
+    [
+        ((1033.0, 1051.0), (1051.0, 1044.0), True),  # 0.995×, the rounds overlap: a tie
+        ((1000.0, 1040.0), (1045.0, 1050.0), False),  # every round on is slower: a loss
+        ((1000.0,), (1045.0,), False),  # one round each: no spread to go by
+    ],
+)
+def test_a_loss_to_batching_must_exceed_the_rounds_spread(
+    on_rounds: tuple[float, ...], off_rounds: tuple[float, ...], met: bool
+) -> None:
+    def merged(name: str, rates: tuple[float, ...]) -> Any:
+        rounds = [
+            suite.SetupResult("small", name, name, 1.0, [_row("predict", 1, r, 1, 2)])
+            for r in rates
+        ]
+        return suite.merge_rounds(rounds)
+
+    results = [merged("service", on_rounds), merged("batching_off", off_rounds)]
+    (goal,) = [g for g in suite.check_goals(results, [], 2) if "batching on" in g.goal]
+    assert goal.met is met
+    assert ("a tie" in goal.measured) is met
 
 
 def test_training_table_renders_speedups() -> None:
