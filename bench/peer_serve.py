@@ -34,7 +34,7 @@ STOP_TIMEOUT_S = 10.0
 
 
 def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A TCP listener with ``TCP_NODELAY`` (and ``SO_REUSEPORT``), as uvicorn would bind it."""
+    """A TCP listener as uvicorn binds one, plus ``TCP_NODELAY`` (and ``SO_REUSEPORT``)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
@@ -101,12 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.reuse_port:
         return serve_reuse_port(config, args.workers)
-    sock = config.bind_socket()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = listening_socket(args.host, args.port, reuse_port=False)
     if args.workers > 1:
         Multiprocess(config, sockets=[sock]).run()
     else:
-        uvicorn.Server(config).run(sockets=[sock])
+        _serve(config, sock)
     return 0
 
 

@@ -487,6 +487,8 @@ class Row:
     mean_batch: float | None
     load1: float
     server_errors: dict[str, float] = field(default_factory=dict)
+    #: Req/s of each round, for a row merged from several (``bench/suite.py``); else empty.
+    round_rates: tuple[float, ...] = ()
 
     @property
     def requests_per_s(self) -> float:

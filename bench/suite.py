@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import numpy as np
@@ -456,8 +457,11 @@ class SetupResult:
     rows: list[Row]
     settings: dict[str, Any] = field(default_factory=dict)
     stopped: str = ""
-    #: Per row, req/s in each round, when the setup ran more than once (:data:`ALTERNATED`).
-    round_rates: list[list[float]] = field(default_factory=list)
+
+    @property
+    def round_rates(self) -> list[list[float]]:
+        """Per row, req/s in each round, when the setup ran more than once (:data:`ALTERNATED`)."""
+        return [list(row.round_rates) for row in self.rows if row.round_rates]
 
 
 def setup_order(setups: Sequence[str]) -> list[str]:
@@ -474,10 +478,6 @@ def merge_rows(rows: Sequence[Row]) -> Row:
     Counts and durations add up (so req/s is over all rounds), CPU shares, batch sizes and
     load are averaged, and each latency percentile is the worst round's.
     """
-
-    def mean(values: Sequence[float]) -> float:
-        return sum(values) / len(values)
-
     errors: dict[str, int] = {}
     server_errors: dict[str, float] = {}
     for row in rows:
@@ -497,11 +497,12 @@ def merge_rows(rows: Sequence[Row]) -> Row:
         p90_ms=max(row.p90_ms for row in rows),
         p99_ms=max(row.p99_ms for row in rows),
         errors=errors,
-        client_cpu_pct=mean([row.client_cpu_pct for row in rows]),
-        server_cpu_pct=mean(server_cpu) if len(server_cpu) == len(rows) else None,
-        mean_batch=mean(batches) if len(batches) == len(rows) else None,
-        load1=mean([row.load1 for row in rows]),
+        client_cpu_pct=fmean(row.client_cpu_pct for row in rows),
+        server_cpu_pct=fmean(server_cpu) if len(server_cpu) == len(rows) else None,
+        mean_batch=fmean(batches) if len(batches) == len(rows) else None,
+        load1=fmean(row.load1 for row in rows),
         server_errors=server_errors,
+        round_rates=tuple(row.requests_per_s for row in rows),
     )
 
 
@@ -519,7 +520,6 @@ def merge_rounds(rounds: Sequence[SetupResult]) -> SetupResult:
         [merge_rows(rows) for rows in per_scenario],
         first.settings,
         "; ".join(dict.fromkeys(result.stopped for result in rounds)),
-        [[row.requests_per_s for row in rows] for rows in per_scenario],
     )
 
 
@@ -608,33 +608,17 @@ def _row(
     return None
 
 
-def _rounds(
-    results: Sequence[SetupResult], model: str, name: str, endpoint: str, conc: int
-) -> list[float]:
-    """Req/s in each round of that row (empty when the setup ran once)."""
-    for result in results:
-        if result.model == model and result.name == name and result.round_rates:
-            for row, rates in zip(result.rows, result.round_rates, strict=True):
-                if row.scenario.endpoint == endpoint and row.scenario.concurrency == conc:
-                    return rates
-    return []
-
-
-def _no_loss_goal(
-    title: str, on: Row, off: Row, on_rounds: list[float], off_rounds: list[float]
-) -> Goal:
+def _no_loss_goal(title: str, on: Row, off: Row) -> Goal:
     """Batching on is not slower than off: ≥ 1×, or a gap within the round-to-round spread.
 
     Where both do the same work (one client), the ratio is noise around 1: a loss counts only
     when every round with batching on is slower than every round without.
     """
     goal = _ratio_goal(title, on, off, GOAL_BATCHING_RATIO)
+    on_rounds, off_rounds = on.round_rates, off.round_rates
     if goal.met or not on_rounds or not off_rounds or max(on_rounds) < min(off_rounds):
         return goal
-    spread = (
-        f"on {'/'.join(f'{r:.0f}' for r in on_rounds)}, "
-        f"off {'/'.join(f'{r:.0f}' for r in off_rounds)}"
-    )
+    spread = f"on {_per_round(on)}, off {_per_round(off)}"
     return Goal(title, f"{goal.measured}: a tie, inside the rounds' spread ({spread})", True)
 
 
@@ -676,8 +660,6 @@ def check_goals(results: Sequence[SetupResult], raw: Sequence[RawResult], nproc:
                         f"{name} batching on ≥ {GOAL_BATCHING_RATIO:g}× off at c={level}",
                         on,
                         off,
-                        _rounds(results, model, "service", "predict", level),
-                        _rounds(results, model, "batching_off", "predict", level),
                     )
                 )
         ours = _row(results, model, "service", "predict", size.goal_level)
@@ -784,16 +766,20 @@ def render_rows(results: Sequence[SetupResult], raw: Sequence[RawResult], nproc:
     return "\n".join(lines) + "\n"
 
 
+def _per_round(row: Row) -> str:
+    """``1010/1057``: the row's req/s in each round."""
+    return "/".join(f"{rate:.0f}" for rate in row.round_rates)
+
+
 def round_text(result: SetupResult) -> str:
     """``; 2 rounds (A B B A), req/s per round: /predict c=1 1010/1057, ...`` or nothing."""
-    if not result.round_rates:
+    merged = [row for row in result.rows if row.round_rates]
+    if not merged:
         return ""
     cells = ", ".join(
-        f"{row.scenario.name} c={row.scenario.concurrency} "
-        + "/".join(f"{rate:.0f}" for rate in rates)
-        for row, rates in zip(result.rows, result.round_rates, strict=True)
+        f"{row.scenario.name} c={row.scenario.concurrency} {_per_round(row)}" for row in merged
     )
-    return f"; {len(result.round_rates[0])} rounds (A B B A), req/s per round: {cells}"
+    return f"; {len(merged[0].round_rates)} rounds (A B B A), req/s per round: {cells}"
 
 
 def render_markdown(report: dict[str, Any], results: Sequence[SetupResult]) -> str:

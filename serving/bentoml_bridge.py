@@ -135,7 +135,7 @@ def model_store_at(home: Path) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- request timers
 
-#: The lines of BentoML's ``TimeoutMiddleware.__call__`` that :func:`cancel_request_timers` repeats.
+#: The lines of BentoML's ``TimeoutMiddleware.__call__`` whose behaviour :func:`cancel_request_timers` keeps.
 _TIMEOUT_CALL_LINES = (
     "waiter = loop.create_future()",
     "loop.call_later(self.timeout, self._set_timer_out, waiter)",
@@ -145,7 +145,7 @@ _TIMEOUT_CALL_LINES = (
 
 
 def _timeout_middleware_to_patch() -> type | None:
-    """BentoML's ``TimeoutMiddleware`` if it is the code :func:`cancel_request_timers` mirrors."""
+    """BentoML's ``TimeoutMiddleware`` if it is the code :func:`cancel_request_timers` replaces."""
     from bentoml._internal.server.http import traffic
 
     middleware = getattr(traffic, "TimeoutMiddleware", None)
